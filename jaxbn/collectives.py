@@ -1,0 +1,146 @@
+"""Cross-device communication: checking axis names, gathering statistics, summing gradients.
+
+This is the only module that issues collectives. It hides the differences between the ways
+JAX binds an axis name (``pmap``, ``shard_map``, ``vmap``) so the mathematics elsewhere can
+treat a named axis as "more batch".
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxbn.collectives import gather_stacked
+  >>> jax.vmap(lambda v: gather_stacked(v, "b", None), axis_name="b")(jnp.arange(3.0)).shape
+  (3, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import jax
+from jax import lax
+
+AxisName = Hashable | tuple[Hashable, ...]
+Groups = tuple[tuple[int, ...], ...] | None
+
+
+class UnboundAxisNameError(NameError, ValueError):
+    """Raised when ``axis_name`` is not bound by an enclosing pmap, shard_map or vmap."""
+
+
+def names_of(axis_name: AxisName) -> tuple[Hashable, ...]:
+    """Returns ``axis_name`` as a tuple of names."""
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def check_bound(axis_name: AxisName) -> int:
+    """Returns the total size of the named axes, or raises an error that names the unbound one."""
+    size = 1
+    for name in names_of(axis_name):
+        try:
+            size *= lax.axis_size(name)
+        except NameError:
+            raise UnboundAxisNameError(
+                f"axis_name {name!r} is not bound: call bn_apply inside jax.pmap, "
+                f"jax.shard_map or jax.vmap with that axis name (or pass axis_name=None "
+                f"for per-device statistics)") from None
+    return size
+
+
+def normalize_groups(axis_index_groups: Sequence[Sequence[int]] | None) -> Groups:
+    """Turns ``axis_index_groups`` into a hashable tuple of tuples (or None)."""
+    if axis_index_groups is None:
+        return None
+    groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"axis_index_groups must be non-empty groups of equal size, got {groups}")
+    return groups
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map axes along which ``x`` varies (empty outside shard_map, or without
+    check_vma)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _is_manual(x: jax.Array, names: tuple[Hashable, ...]) -> bool:
+    return set(names) <= varying_axes(x)
+
+
+def _grouped_error(err: Exception) -> Exception:
+    return NotImplementedError(
+        "axis_index_groups is not supported here (JAX refuses grouped collectives under "
+        "jax.vmap, and under jax.shard_map unless check_vma=False). Use jax.pmap, or a 2-D "
+        f"mesh reduced over one of its axes. JAX said: {err}")
+
+
+def gather_stacked(local: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
+    """All-gathers ``local`` over the named devices: ONE collective, result replicated.
+
+    Returns an array of shape ``(num_devices_in_group, *local.shape)``. Under shard_map with
+    check_vma the result is typed invariant, so values computed from it may leave the
+    shard_map with a replicated ``P()`` out_spec.
+    """
+    names = names_of(axis_name)
+    try:
+        if _is_manual(local, names):
+            out = lax.all_gather(local, names if len(names) > 1 else names[0],
+                                 axis_index_groups=groups, to="invarying")
+        elif len(names) == 1:
+            out = lax.all_gather(local, names[0], axis_index_groups=groups)
+        else:
+            # vmap cannot all_gather over several names at once; gathering name by name is free
+            # there (vmap collectives are array ops), and gives the same flattened order.
+            out = local
+            for name in reversed(names):
+                out = lax.all_gather(out, name, axis_index_groups=groups)
+            out = out.reshape((-1,) + local.shape)
+    except NotImplementedError as err:
+        if groups is not None:
+            raise _grouped_error(err) from None
+        raise
+    if out.ndim == local.ndim + len(names) and len(names) > 1:
+        out = out.reshape((-1,) + local.shape)
+    return out
+
+
+def sum_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
+    """Sums ``value`` over the named devices (one all-reduce)."""
+    names = names_of(axis_name)
+    try:
+        return lax.psum(value, names if len(names) > 1 else names[0], axis_index_groups=groups)
+    except NotImplementedError as err:
+        if groups is not None:
+            raise _grouped_error(err) from None
+        raise
+
+
+def mean_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
+    """Averages ``value`` over the named devices (one all-reduce)."""
+    names = names_of(axis_name)
+    try:
+        return lax.pmean(value, names if len(names) > 1 else names[0], axis_index_groups=groups)
+    except NotImplementedError as err:
+        if groups is not None:
+            raise _grouped_error(err) from None
+        raise
+
+
+def param_sum_names(x: jax.Array, param: jax.Array | None,
+                    axis_name: AxisName) -> tuple[Hashable, ...]:
+    """The named axes over which a parameter's gradient must be summed inside the layer.
+
+    Under shard_map with check_vma, a parameter replicated over axes along which ``x`` varies
+    receives (from JAX's own autodiff) the gradient summed over those devices. The custom
+    backward reproduces that: it returns already-summed sums for those names. Under pmap and
+    vmap (and shard_map without check_vma) nothing is summed: the gradient is per replica and
+    JAX itself sums it for inputs that were not mapped.
+    """
+    if param is None or axis_name is None:
+        return ()
+    px = varying_axes(x)
+    pp = varying_axes(param)
+    return tuple(n for n in names_of(axis_name) if n in px and n not in pp)

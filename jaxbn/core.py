@@ -1,0 +1,206 @@
+"""The public functional API: ``bn_init``, ``bn_apply`` and ``sync_state``.
+
+This module only composes the pieces: validation (``checks``), shapes (``layout``), the
+normalize step (``normalize``), statistics (``moments``) and running updates (``running``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import checks, collectives, running
+from jaxbn.layout import Axis, Layout, as_features, make_layout
+from jaxbn.normalize import Renorm, TrainConfig, eval_normalize, train_normalize
+
+Params = dict[str, jax.Array]
+State = dict[str, jax.Array]
+
+
+def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: bool = True,
+            param_dtype: Any = jnp.float32) -> tuple[Params, State]:
+    """Creates BatchNorm parameters and state.
+
+    Args:
+      features: size of the feature axis, or a tuple of sizes for several feature axes.
+      use_scale: include a learned ``scale`` (initialized to ones).
+      use_bias: include a learned ``bias`` (initialized to zeros).
+      param_dtype: dtype of ``scale`` and ``bias``. Running statistics are always float32.
+
+    Returns:
+      ``(params, state)``: ``params = {"scale", "bias"}`` (a key is absent when disabled);
+      ``state = {"mean": zeros, "var": ones, "count": 0}`` where ``count`` is the number of
+      running-statistic updates so far.
+
+    Example:
+      >>> import jaxbn
+      >>> params, state = jaxbn.bn_init(3)
+      >>> sorted(params), sorted(state), params["scale"].shape
+      (['bias', 'scale'], ['count', 'mean', 'var'], (3,))
+    """
+    shape = as_features(features)
+    params: Params = {}
+    if use_scale:
+        params["scale"] = jnp.ones(shape, param_dtype)
+    if use_bias:
+        params["bias"] = jnp.zeros(shape, param_dtype)
+    state: State = {"mean": jnp.zeros(shape, jnp.float32), "var": jnp.ones(shape, jnp.float32),
+                    "count": jnp.zeros((), jnp.int32)}
+    return params, state
+
+
+def _as_broadcast(value, layout: Layout, lead: int = 0):
+    if value is None:
+        return None
+    return value.reshape((1,) * lead + layout.broadcast_shape)
+
+
+def _virtual_batches(x, mask, layout: Layout, size: int):
+    """Splits axis 0 into groups of ``size``; the group index becomes one more feature axis."""
+    groups = x.shape[0] // size
+    xv = x.reshape((groups, size) + x.shape[1:])
+    vlayout = make_layout(xv.shape, (0,) + tuple(a + 1 for a in layout.feature_axes))
+    if mask is not None:
+        mask = mask.reshape((1,) * (x.ndim - mask.ndim) + tuple(mask.shape))
+        if mask.shape[0] == 1:
+            mask = mask.reshape((1, 1) + mask.shape[1:])
+        else:
+            mask = mask.reshape((groups, size) + mask.shape[1:])
+    return xv, mask, vlayout
+
+
+def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: Axis = -1,
+             momentum: float | None = 0.99, epsilon: float = 1e-5,
+             axis_name: Hashable | tuple[Hashable, ...] | None = None,
+             axis_index_groups: Sequence[Sequence[int]] | None = None,
+             mask: jax.Array | None = None, unbiased_running_var: bool = False,
+             virtual_batch_size: int | None = None,
+             renorm: tuple[Any, Any] | None = None,
+             skip_nonfinite: bool = False) -> tuple[jax.Array, State]:
+    """Applies Batch Normalization; returns ``(y, new_state)``.
+
+    Args:
+      params: ``{"scale", "bias"}`` from :func:`bn_init` (either key may be absent).
+      state: ``{"mean", "var", ...}`` running statistics from :func:`bn_init`.
+      x: floating input. ``y`` comes back in ``x``'s dtype; statistics are float32 or wider.
+      train: True normalizes with this batch's statistics (reduced over every axis but
+        ``axis``, and over the devices of ``axis_name``) and updates the running statistics;
+        False normalizes with the running statistics and returns ``state`` unchanged.
+      axis: the feature axis, or a tuple of them (negative values allowed).
+      momentum: running update ``new = momentum * old + (1 - momentum) * batch``; ``None``
+        keeps a cumulative (plain) average of all batch statistics instead.
+      epsilon: added to the variance before the square root.
+      axis_name: mesh/pmap/vmap axis name (or tuple of names) to synchronize statistics
+        over. One all-gather forward, one all-reduce backward, count-weighted.
+      axis_index_groups: groups of device indices along ``axis_name`` that share statistics.
+      mask: boolean, broadcastable to ``x``: the elements that count toward the statistics.
+      unbiased_running_var: accumulate ``n / (n - 1)`` times the batch variance (PyTorch).
+      virtual_batch_size: ghost batch normalization: normalize consecutive groups of this many
+        examples (along axis 0) with their own statistics.
+      renorm: ``(r_max, d_max)`` for batch renormalization (Ioffe 2017); may be traced.
+      skip_nonfinite: leave the running statistics unchanged when the batch statistics are
+        not finite.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> params, state = jaxbn.bn_init(4)
+      >>> x = jax.random.normal(jax.random.key(0), (32, 4)) * 3.0 + 1.0
+      >>> y, state = jaxbn.bn_apply(params, state, x, train=True)
+      >>> print(jnp.abs(y.mean(0)).max() < 1e-5, jnp.round(y.std(0), 3))
+      True [1. 1. 1. 1.]
+      >>> y_eval, _ = jaxbn.bn_apply(params, state, x, train=False)
+    """
+    checks.check_input(x)
+    checks.check_train_flag(train)
+    layout = make_layout(x.shape, axis)
+    checks.check_features(layout, params, "params")
+    checks.check_features(layout, state, "state")
+    checks.check_epsilon(epsilon)
+    scale, bias = params.get("scale"), params.get("bias")
+    if not train:
+        y = eval_normalize(x, _as_broadcast(state["mean"], layout),
+                           _as_broadcast(state["var"], layout), _as_broadcast(scale, layout),
+                           _as_broadcast(bias, layout), float(epsilon))
+        return y, state
+
+    checks.check_momentum(momentum)
+    mask = checks.check_mask(mask, layout.shape)
+    checks.check_groups(axis_name, axis_index_groups)
+    checks.check_virtual_batch(layout.shape, layout.feature_axes, virtual_batch_size)
+    checks.check_renorm(renorm)
+    if momentum is None and "count" not in state:
+        raise ValueError("momentum=None (cumulative average) needs state['count']; build the "
+                         "state with bn_init")
+    groups = collectives.normalize_groups(axis_index_groups)
+    if axis_name is not None:
+        collectives.check_bound(axis_name)
+    else:
+        checks.check_enough_elements(layout, mask, axis_name)
+
+    work_x, work_mask, work_layout, lead = x, mask, layout, 0
+    if virtual_batch_size is not None:
+        work_x, work_mask, work_layout = _virtual_batches(x, mask, layout, virtual_batch_size)
+        lead = 1
+    scale_b, bias_b = _as_broadcast(scale, layout, lead), _as_broadcast(bias, layout, lead)
+    rn = None
+    if renorm is not None:
+        dt = jnp.promote_types(x.dtype, jnp.float32)
+        rn = Renorm(_as_broadcast(state["mean"], layout, lead).astype(dt),
+                    _as_broadcast(state["var"], layout, lead).astype(dt),
+                    jnp.asarray(renorm[0], dt), jnp.asarray(renorm[1], dt))
+    cfg = TrainConfig(work_layout, axis_name, groups, float(epsilon),
+                      collectives.param_sum_names(x, scale, axis_name),
+                      collectives.param_sum_names(x, bias, axis_name))
+    y, mean, var, count = train_normalize(cfg, work_x, work_mask, scale_b, bias_b, rn)
+    y = y.reshape(x.shape)
+
+    mean, var, count = (jnp.broadcast_to(lax.stop_gradient(v), work_layout.broadcast_shape)
+                        .reshape(work_layout.feature_shape) for v in (mean, var, count))
+    if unbiased_running_var:
+        var = running.unbiased(var, count)
+    if lead:
+        mean, var, count = mean.mean(0), var.mean(0), count.sum(0)
+    return y, _update_state(state, mean, var, count, momentum, skip_nonfinite)
+
+
+def _update_state(state: State, mean, var, count, momentum, skip_nonfinite) -> State:
+    ok = count > 0
+    if skip_nonfinite:
+        ok = ok & jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
+    new = dict(state)
+    for key, batch in (("mean", mean), ("var", var)):
+        old = state[key]
+        upd = (running.cumulative(old, batch, state["count"]) if momentum is None
+               else running.ema(old, batch, momentum))
+        new[key] = running.keep_where(ok, upd.astype(old.dtype), old)
+    if "count" in state:
+        new["count"] = state["count"] + jnp.any(ok).astype(state["count"].dtype)
+    return new
+
+
+def sync_state(state: State, axis_name: Hashable | tuple[Hashable, ...],
+               axis_index_groups: Sequence[Sequence[int]] | None = None) -> State:
+    """Averages the running mean and variance over the named devices (one all-reduce).
+
+    For models trained with per-device statistics: call it before evaluation or checkpointing
+    so every replica holds the same running statistics. ``count`` is left as it is.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> _, state = jaxbn.bn_init(2)
+      >>> states = jax.tree.map(lambda v: jnp.stack([v, v + 2]), state)
+      >>> synced = jax.vmap(lambda s: jaxbn.sync_state(s, "i"), axis_name="i")(states)
+      >>> synced["mean"].tolist()
+      [[1.0, 1.0], [1.0, 1.0]]
+    """
+    collectives.check_bound(axis_name)
+    groups = collectives.normalize_groups(axis_index_groups)
+    stacked = jnp.stack([state["mean"], state["var"].astype(state["mean"].dtype)])
+    avg = collectives.mean_over(stacked, axis_name, groups)
+    new = dict(state)
+    new["mean"], new["var"] = avg[0], avg[1].astype(state["var"].dtype)
+    return new
