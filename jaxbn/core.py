@@ -162,7 +162,10 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
                         .reshape(work_layout.feature_shape) for v in (mean, var, count))
     if unbiased_running_var:
         var = running.unbiased(var, count)
-    if lead:
+    if lead and "seen" in state:  # precise mode wants the whole batch's statistics
+        between = jnp.mean(jnp.square(mean - mean.mean(0)), axis=0)
+        mean, var, count = mean.mean(0), var.mean(0) + between, count.sum(0)
+    elif lead:
         mean, var, count = mean.mean(0), var.mean(0), count.sum(0)
     return y, _update_state(state, mean, var, count, momentum, skip_nonfinite)
 
@@ -172,6 +175,15 @@ def _update_state(state: State, mean, var, count, momentum, skip_nonfinite) -> S
     if skip_nonfinite:
         ok = ok & jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     new = dict(state)
+    if "seen" in state:  # precise mode (see reset_stats): exact population statistics
+        m, v, seen = running.accumulate(state["mean"], state["var"], state["seen"], mean, var,
+                                        count)
+        new["mean"] = running.keep_where(ok, m, state["mean"])
+        new["var"] = running.keep_where(ok, v, state["var"])
+        new["seen"] = running.keep_where(ok, seen, state["seen"]).astype(state["seen"].dtype)
+        if "count" in state:
+            new["count"] = state["count"] + jnp.any(ok).astype(state["count"].dtype)
+        return new
     for key, batch in (("mean", mean), ("var", var)):
         old = state[key]
         upd = (running.cumulative(old, batch, state["count"]) if momentum is None

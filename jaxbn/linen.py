@@ -76,9 +76,12 @@ class BatchNorm(nn.Module):
                              feature_shape)
         var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype),
                             feature_shape)
-        count = None
-        if self.momentum is None:
-            count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+        extra = {}  # optional state: update count (momentum=None), seen (precise BN)
+        if self.momentum is None or self.has_variable("batch_stats", "count"):
+            extra["count"] = self.variable("batch_stats", "count",
+                                           lambda: jnp.zeros((), jnp.int32))
+        if self.has_variable("batch_stats", "seen"):
+            extra["seen"] = self.variable("batch_stats", "seen", lambda: None)
         params = {}
         if self.use_scale:
             params["scale"] = self.param("scale", self.scale_init, feature_shape,
@@ -86,8 +89,7 @@ class BatchNorm(nn.Module):
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
         state = {"mean": mean.value, "var": var.value}
-        if count is not None:
-            state["count"] = count.value
+        state.update({k: v.value for k, v in extra.items()})
         out_dtype = flax_dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
         train = not use_running_average and not self.is_initializing()
         y, new = apply_core(
@@ -98,6 +100,6 @@ class BatchNorm(nn.Module):
                                 self.renorm, self.skip_nonfinite))
         if train:
             mean.value, var.value = new["mean"], new["var"]
-            if count is not None:
-                count.value = new["count"]
+            for k, v in extra.items():
+                v.value = new[k]
         return y

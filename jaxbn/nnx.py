@@ -95,8 +95,8 @@ class BatchNorm(nnx.Module):
         if self.bias is not None:
             params["bias"] = self.bias[...]
         state = {"mean": self.mean[...], "var": self.var[...]}
-        if self.count is not None:
-            state["count"] = self.count[...]
+        optional = [k for k in ("count", "seen") if getattr(self, k, None) is not None]
+        state.update({k: getattr(self, k)[...] for k in optional})
         promoted = self.promote_dtype((x, state["mean"], state["var"], *params.values()),
                                       dtype=self.dtype)
         train = not use_running_average
@@ -107,6 +107,35 @@ class BatchNorm(nnx.Module):
         if train:
             self.mean[...] = new["mean"]
             self.var[...] = new["var"]
-            if self.count is not None:
-                self.count[...] = new["count"]
+            for k in optional:
+                getattr(self, k)[...] = new[k]
         return y
+
+
+def precise_stats(model: nnx.Module, batches, call=None) -> None:
+    """Recomputes, in place, the exact population statistics of every ``jaxbn.nnx.BatchNorm``
+    in ``model`` over ``batches`` (precise BN; see ``jaxbn.precise``).
+
+    ``call(model, batch)`` runs the model in training mode (default: ``model(batch)``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxbn.nnx import BatchNorm, precise_stats
+      >>> bn = BatchNorm(1, rngs=nnx.Rngs(0))
+      >>> precise_stats(bn, [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])])
+      >>> bn.mean[...].tolist(), bn.var[...].tolist()
+      ([3.0], [5.0])
+    """
+    layers = [m for _, m in model.iter_modules() if isinstance(m, BatchNorm)]
+    for m in layers:
+        m.mean[...] = jnp.zeros_like(m.mean[...])
+        m.var[...] = jnp.zeros_like(m.var[...])
+        m.seen = nnx.BatchStat(jnp.zeros(m.mean[...].shape, jnp.float32))
+    model.train()
+    try:
+        for batch in batches:
+            (call or (lambda mdl, b: mdl(b)))(model, batch)
+    finally:
+        for m in layers:
+            del m.seen

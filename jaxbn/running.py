@@ -34,6 +34,21 @@ def unbiased(var: jax.Array, count: jax.Array) -> jax.Array:
     return var * (count / jnp.maximum(count - 1, 1))
 
 
+def accumulate(old_mean, old_var, seen, batch_mean, batch_var, batch_count):
+    """Exact (count-weighted) statistics of everything seen so far plus one batch (Chan's rule).
+
+    ``seen`` is the number of elements already accumulated. Returns ``(mean, var, seen)``.
+    """
+    batch_mean, batch_var, batch_count = (lax.stop_gradient(v).astype(old_mean.dtype)
+                                          for v in (batch_mean, batch_var, batch_count))
+    total = seen + batch_count
+    w = batch_count / jnp.maximum(total, 1)
+    delta = batch_mean - old_mean
+    mean = old_mean + w * delta
+    var = (1 - w) * old_var + w * batch_var + w * (1 - w) * delta * delta
+    return mean, var, total
+
+
 def keep_where(ok: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     """``new`` where ``ok`` holds, else ``old`` (no data lost to an empty or bad batch)."""
     return jnp.where(ok, new, old)
