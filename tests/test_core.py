@@ -320,3 +320,13 @@ def test_side_by_side_with_flax_stable_mode(shape, axis):
     np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
     for k in ("mean", "var"):
         np.testing.assert_allclose(new[k], upd["batch_stats"][k], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_with_large_offset_matches_closed_form():
+    rng = np.random.default_rng(15)
+    x = (1e4 + rng.normal(size=(64, 3))).astype(np.float32)
+    dy = rng.normal(size=(64, 3)).astype(np.float32)
+    params, state = _random_params((3,))
+    gx = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.bn_apply(params, state, x, True)[0] * dy)))(x)
+    dx, _, _ = ref.bn_grads(x, params["scale"], dy)
+    assert np.max(np.abs(np.asarray(gx) - dx)) <= 2e-3 * np.max(np.abs(dx))
