@@ -61,3 +61,11 @@ def test_none_vs_batch_smoke(tmp_path):
     assert "batchnorm_0" in proc.stdout  # the model summary lists the BN layers
     assert (tmp_path / "none_vs_batch.png").stat().st_size > 0
     assert "claims" in (tmp_path / "report.md").read_text()
+
+
+def test_vmap_ensemble_smoke():
+    cmd = [sys.executable, str(ROOT / "examples" / "vmap_ensemble.py"), "--members", "2",
+           "--epochs", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ensemble" in proc.stdout

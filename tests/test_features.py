@@ -249,3 +249,22 @@ def test_wrappers_expose_the_features():
     y = m(xs[0])
     want_y = np.concatenate([ref.bn_forward(g, None, None) for g in xs[0].reshape(2, 4, F)])
     np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+
+
+def test_precise_and_skip_nonfinite_with_axis_name():
+    xs = _batches(k=2, n=8, seed=9).reshape(2, 4, 2, F)  # 2 batches x 4 devices x 2 examples
+    params, state = jaxbn.bn_init(F)
+    state = jaxbn.reset_stats(state)
+    step = jax.jit(jax.vmap(lambda s, x: jaxbn.bn_apply(params, s, x, True, axis_name="d",
+                                                        skip_nonfinite=True)[1],
+                            in_axes=(None, 0), out_axes=None, axis_name="d"))
+    for x in xs:
+        state = step(state, x)
+    bad = xs[0].copy()
+    bad[1, 0, 0] = np.inf
+    state = step(state, bad)  # skipped on every device
+    state = jaxbn.finish_stats(state)
+    concat = xs.reshape(-1, F).astype(np.float64)
+    np.testing.assert_allclose(state["mean"], concat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(state["var"], concat.var(0), rtol=1e-5)
+    assert int(state["count"]) == 2
