@@ -16,11 +16,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
-from none_vs_batch import Config, forward, init_model  # noqa: E402
+from none_vs_batch import Config, forward, init_model, make_fns  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,18 +31,9 @@ def main(argv=None) -> int:
     cfg = replace(Config(), norm="batch", epochs=args.epochs)
     keys = jax.random.split(jax.random.key(0), args.members)
     params, states = jax.vmap(lambda k: init_model(k, cfg, x_tr.shape[1], 10))(keys)
-    tx = optax.sgd(cfg.lr)
+    tx, _, _, _, member_step = make_fns(cfg)  # the same step as none_vs_batch's training
     opt = jax.vmap(tx.init)(params)
-
-    def member_step(params, states, opt, x, y):
-        def loss_fn(p):
-            logits, new_states, _ = forward(p, states, x, True, cfg)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_states
-        (loss, states), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        upd, opt = tx.update(g, opt)
-        return optax.apply_updates(params, upd), states, opt, loss
-
-    step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, None, None)))
+    step = jax.jit(jax.vmap(member_step, in_axes=((0, 0, 0), (None, None))))
     logits_fn = jax.jit(jax.vmap(lambda p, s: forward(p, s, x_te, False, cfg)[0]))
     rng = np.random.default_rng(0)
     n = len(x_tr) // cfg.batch_size
@@ -51,7 +41,7 @@ def main(argv=None) -> int:
         perm = rng.permutation(len(x_tr))
         for i in range(n):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            params, states, opt, loss = step(params, states, opt, x_tr[idx], y_tr[idx])
+            (params, states, opt), _ = step((params, states, opt), (x_tr[idx], y_tr[idx]))
         logits = logits_fn(params, states)
         member_acc = jnp.mean(jnp.argmax(logits, -1) == y_te, axis=1)
         ens_acc = jnp.mean(jnp.argmax(logits.mean(0), -1) == y_te)

@@ -174,21 +174,18 @@ def _update_state(state: State, mean, var, count, momentum, skip_nonfinite) -> S
     ok = count > 0
     if skip_nonfinite:
         ok = ok & jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
-    new = dict(state)
     if "seen" in state:  # precise mode (see reset_stats): exact population statistics
         m, v, seen = running.accumulate(state["mean"], state["var"], state["seen"], mean, var,
                                         count)
-        new["mean"] = running.keep_where(ok, m, state["mean"])
-        new["var"] = running.keep_where(ok, v, state["var"])
-        new["seen"] = running.keep_where(ok, seen, state["seen"]).astype(state["seen"].dtype)
-        if "count" in state:
-            new["count"] = state["count"] + jnp.any(ok).astype(state["count"].dtype)
-        return new
-    for key, batch in (("mean", mean), ("var", var)):
-        old = state[key]
-        upd = (running.cumulative(old, batch, state["count"]) if momentum is None
-               else running.ema(old, batch, momentum))
-        new[key] = running.keep_where(ok, upd.astype(old.dtype), old)
+        updated = {"mean": m, "var": v, "seen": seen}
+    elif momentum is None:
+        updated = {k: running.cumulative(state[k], b, state["count"])
+                   for k, b in (("mean", mean), ("var", var))}
+    else:
+        updated = {k: running.ema(state[k], b, momentum) for k, b in (("mean", mean), ("var", var))}
+    new = dict(state)
+    for key, value in updated.items():
+        new[key] = running.keep_where(ok, value.astype(state[key].dtype), state[key])
     if "count" in state:
         new["count"] = state["count"] + jnp.any(ok).astype(state["count"].dtype)
     return new

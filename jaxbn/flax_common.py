@@ -28,9 +28,8 @@ def apply_core(x, params: dict, state: dict, train: bool, *, axis, momentum, eps
     """One BatchNorm call as a Flax module makes it; returns ``(y, new_state)``."""
     def call(xx):
         return bn_apply(params, state, xx, train, axis=axis, momentum=momentum, epsilon=epsilon,
-                        axis_name=axis_name if train else None,
-                        axis_index_groups=axis_index_groups if train else None,
-                        mask=mask if train else None, **extras)
+                        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+                        **extras)
     return run_in_dtype(x, out_dtype, call)
 
 

@@ -29,6 +29,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 
 from jaxbn.flax_common import apply_core, jaxbn_extras
+from jaxbn.precise import reset_stats
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -94,9 +95,8 @@ class BatchNorm(nnx.Module):
             params["scale"] = self.scale[...]
         if self.bias is not None:
             params["bias"] = self.bias[...]
-        state = {"mean": self.mean[...], "var": self.var[...]}
-        optional = [k for k in ("count", "seen") if getattr(self, k, None) is not None]
-        state.update({k: getattr(self, k)[...] for k in optional})
+        names = self._stat_names()
+        state = {k: getattr(self, k)[...] for k in names}
         promoted = self.promote_dtype((x, state["mean"], state["var"], *params.values()),
                                       dtype=self.dtype)
         train = not use_running_average
@@ -105,11 +105,15 @@ class BatchNorm(nnx.Module):
                             axis_index_groups=self.axis_index_groups, mask=mask,
                             extras=self.extras, out_dtype=promoted[0].dtype)
         if train:
-            self.mean[...] = new["mean"]
-            self.var[...] = new["var"]
-            for k in optional:
+            for k in names:
                 getattr(self, k)[...] = new[k]
         return y
+
+    def _stat_names(self) -> list[str]:
+        """The BatchStat attributes that form the core's state dict (``count`` and ``seen``
+        only when present)."""
+        return ["mean", "var"] + [k for k in ("count", "seen") if getattr(self, k, None)
+                                  is not None]
 
 
 def precise_stats(model: nnx.Module, batches, call=None) -> None:
@@ -129,9 +133,9 @@ def precise_stats(model: nnx.Module, batches, call=None) -> None:
     """
     layers = [m for _, m in model.iter_modules() if isinstance(m, BatchNorm)]
     for m in layers:
-        m.mean[...] = jnp.zeros_like(m.mean[...])
-        m.var[...] = jnp.zeros_like(m.var[...])
-        m.seen = nnx.BatchStat(jnp.zeros(m.mean[...].shape, jnp.float32))
+        fresh = reset_stats({"mean": m.mean[...], "var": m.var[...]})
+        m.mean[...], m.var[...] = fresh["mean"], fresh["var"]
+        m.seen = nnx.BatchStat(fresh["seen"])
     model.train()
     try:
         for batch in batches:

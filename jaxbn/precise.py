@@ -40,7 +40,7 @@ def _is_bn_state(node) -> bool:
 def _map_states(tree, fn):
     if _is_bn_state(tree):
         return fn(tree)
-    if isinstance(tree, dict) or hasattr(tree, "items"):
+    if hasattr(tree, "items"):
         return {k: _map_states(v, fn) for k, v in tree.items()}
     return tree
 
