@@ -5,14 +5,16 @@ Four runs of the same network, data order and global batch, side by side:
 - ``single``: one device, the whole global batch (the reference);
 - ``shard_map``: the batch split over 8 devices, BN statistics synchronized with
   ``axis_name="data"`` (params, optimizer and BN state replicated with ``P()``);
-- ``pmap``: the same with ``jax.pmap`` and per-device copies of everything;
+- ``jit``: the single-device code under ``jax.jit`` with the batch sharded over 8 devices
+  (no axis name: XLA inserts the collectives);
+- ``pmap``: the same as ``shard_map`` with ``jax.pmap`` and per-device copies of everything;
 - ``unsync``: ``pmap`` with ``axis_name=None``: each device normalizes with the statistics of
   its own shard and keeps its own running statistics (what plain per-device BN does).
 
-Synchronized BN computes the statistics of the global batch, so ``shard_map`` and ``pmap``
-follow the single-device run up to float rounding, and their running statistics are identical
-on every device; ``unsync`` does not. The collectives of each variant's training step are
-counted at the end (``jaxbn.counting``). On a CPU the 8 devices are faked
+Synchronized BN computes the statistics of the global batch, so ``shard_map``, ``jit`` and
+``pmap`` follow the single-device run up to float rounding, and their running statistics are
+identical on every device; ``unsync`` does not. The collectives of each variant's training
+step are counted at the end (``jaxbn.counting``). On a CPU the 8 devices are faked
 (``--xla_force_host_platform_device_count=8``, set below before JAX starts).
 
   python examples/sync_bn_cnn.py --epochs 8
@@ -24,7 +26,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 if "jax" not in sys.modules:  # must happen before JAX initializes its backends
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -43,7 +47,7 @@ import datasets  # noqa: E402
 import jaxbn  # noqa: E402
 from jaxbn.counting import CollectiveCount, count_collectives  # noqa: E402
 
-VARIANTS = ("single", "shard_map", "pmap", "unsync")
+VARIANTS = ("single", "shard_map", "jit", "pmap", "unsync")
 CHANNELS = (16, 32)
 
 
@@ -99,42 +103,42 @@ def make_train_step(tx, axis_name=None, grad_mean_over=None):
     return step
 
 
-def build(variant: str, tx, devices):
-    """Returns ``(place, step, unplace)``: put (params, state, opt) on the devices, one jitted
-    training step on a global batch, and fetch per-device copies (leading device axis)."""
+class Variant(NamedTuple):
+    place: Callable  # (params, state, opt) -> on the devices
+    shard: Callable  # a global batch (x, y) -> the step's batch arguments
+    step: Callable  # jitted: (params, state, opt, *batch) -> (params, state, opt, loss)
+    unplace: Callable  # a tree on the devices -> NumPy copies, one per device (leading axis)
+
+
+def build(variant: str, tx, devices) -> Variant:
+    """Places, steps and reads back one variant of data-parallel training."""
     n = len(devices)
     if variant == "single":
-        step = jax.jit(make_train_step(tx))
-        return (lambda tree: tree), step, (lambda tree: jax.tree.map(lambda a: a[None], tree))
-    if variant == "shard_map":
+        return Variant(lambda tree: tree, lambda x, y: (x, y), jax.jit(make_train_step(tx)),
+                       lambda tree: jax.tree.map(lambda a: np.asarray(a)[None], tree))
+    if variant in ("shard_map", "jit"):
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        body = jax.shard_map(make_train_step(tx, axis_name="data"), mesh=mesh,
-                             in_specs=(P(), P(), P(), P("data"), P("data")),
-                             out_specs=(P(), P(), P(), P()))
-        jitted = jax.jit(body)
-
-        def step(params, state, opt, x, y):
-            return jitted(params, state, opt, jax.device_put(x, split), jax.device_put(y, split))
+        if variant == "jit":  # the single-device code; XLA partitions it over the sharded batch
+            step = jax.jit(make_train_step(tx), out_shardings=(rep, rep, rep, rep))
+        else:
+            step = jax.jit(jax.shard_map(make_train_step(tx, axis_name="data"), mesh=mesh,
+                                         in_specs=(P(), P(), P(), P("data"), P("data")),
+                                         out_specs=(P(), P(), P(), P())))
 
         def unplace(tree):  # every device's own copy of a replicated output
             return jax.tree.map(
                 lambda a: np.stack([np.asarray(s.data) for s in a.addressable_shards]), tree)
 
-        return (lambda tree: jax.device_put(tree, rep)), step, unplace
+        return Variant(lambda tree: jax.device_put(tree, rep),
+                       lambda x, y: jax.device_put((x, y), split), step, unplace)
     sync = variant == "pmap"
-    pstep = jax.pmap(make_train_step(tx, axis_name="data" if sync else None,
-                                     grad_mean_over="data"), axis_name="data", devices=devices)
-
-    def step(params, state, opt, x, y):
-        x, y = x.reshape((n, -1) + x.shape[1:]), y.reshape((n, -1))
-        params, state, opt, loss = pstep(params, state, opt, x, y)
-        return params, state, opt, loss[0]
-
-    def place(tree):  # one copy per device along a new leading axis
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
-
-    return place, step, (lambda tree: jax.tree.map(np.asarray, tree))
+    step = jax.pmap(make_train_step(tx, axis_name="data" if sync else None,
+                                    grad_mean_over="data"), axis_name="data", devices=devices)
+    return Variant(
+        lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree),
+        lambda x, y: (x.reshape((n, -1) + x.shape[1:]), y.reshape((n, -1))),
+        step, lambda tree: jax.tree.map(np.asarray, tree))
 
 
 def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: int,
@@ -143,8 +147,8 @@ def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: 
     x_tr, y_tr, x_te, y_te = data
     tx = optax.sgd(lr, momentum=0.9)
     params, state = init_cnn(jax.random.key(seed))
-    place, step, unplace = build(variant, tx, devices)
-    params, state, opt = place((params, state, tx.init(params)))
+    v = build(variant, tx, devices)
+    params, state, opt = v.place((params, state, tx.init(params)))
     evaluate = jax.jit(lambda p, s: jnp.mean(jnp.argmax(forward(p, s, x_te, False)[0], -1)
                                              == y_te))
     rng = np.random.default_rng(seed)  # the same data order for every variant
@@ -155,13 +159,13 @@ def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: 
         t0, losses = time.perf_counter(), []
         for i in range(steps):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            params, state, opt, loss = step(params, state, opt, x_tr[idx], y_tr[idx])
+            params, state, opt, loss = v.step(params, state, opt, *v.shard(x_tr[idx], y_tr[idx]))
             losses.append(loss)
             if "params_step1" not in hist:
-                hist["params_step1"] = unplace(params)
+                hist["params_step1"] = v.unplace(params)
         hist["train_loss"].append(float(np.mean(jax.device_get(losses))))
         hist["epoch_time_s"].append(time.perf_counter() - t0)
-        copies_p, copies_s = unplace((params, state))
+        copies_p, copies_s = v.unplace((params, state))
         # evaluate with device 0's copy (the only one for synchronized BN: all are equal)
         first = jax.tree.map(lambda a: a[0], (copies_p, copies_s))
         hist["test_accuracy"].append(float(evaluate(*first)))
@@ -174,8 +178,9 @@ def collectives_per_step(variant: str, data, devices, batch_size: int) -> Collec
     x_tr, y_tr = data[0][:batch_size], data[1][:batch_size]
     tx = optax.sgd(0.1, momentum=0.9)
     params, state = init_cnn(jax.random.key(0))
-    place, step, _ = build(variant, tx, devices)
-    return count_collectives(step, *place((params, state, tx.init(params))), x_tr, y_tr)
+    v = build(variant, tx, devices)
+    return count_collectives(v.step, *v.place((params, state, tx.init(params))),
+                             *v.shard(x_tr, y_tr))
 
 
 def spread_across_devices(tree) -> float:

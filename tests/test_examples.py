@@ -81,7 +81,7 @@ def test_sync_bn_cnn_matches_single_device(devices):
     runs = {v: sync_bn_cnn.train(v, data, epochs=1, batch_size=64, lr=0.1, seed=0,
                                  devices=devices, max_steps=1) for v in sync_bn_cnn.VARIANTS}
     ref = runs["single"]
-    for v in ("shard_map", "pmap"):
+    for v in ("shard_map", "jit", "pmap"):
         assert sync_bn_cnn.max_difference(runs[v]["params"], ref["params"]) < 1e-5
         assert sync_bn_cnn.max_difference(runs[v]["state"], ref["state"]) < 1e-5
         assert sync_bn_cnn.spread_across_devices(runs[v]["state"]) == 0.0
