@@ -82,8 +82,9 @@ def forward(params, state, x, train: bool, axis_name=None):
 
 
 def make_train_step(tx, axis_name=None, grad_mean_over=None):
-    """One SGD step on the local batch. ``grad_mean_over`` averages gradients over devices
-    (pmap); under shard_map JAX's autodiff already sums gradients of replicated params."""
+    """One SGD step on this device's batch (the whole batch for ``single`` and ``jit``).
+    ``grad_mean_over`` averages gradients over devices (pmap); under shard_map JAX's autodiff
+    already sums the gradients of replicated parameters."""
 
     def step(params, state, opt, x, y):
         def loss_fn(p):
@@ -104,6 +105,8 @@ def make_train_step(tx, axis_name=None, grad_mean_over=None):
 
 
 class Variant(NamedTuple):
+    """How one variant puts its training on the devices and reads it back."""
+
     place: Callable  # (params, state, opt) -> on the devices
     shard: Callable  # a global batch (x, y) -> the step's batch arguments
     step: Callable  # jitted: (params, state, opt, *batch) -> (params, state, opt, loss)
