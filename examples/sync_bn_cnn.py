@@ -144,14 +144,19 @@ def build(variant: str, tx, devices) -> Variant:
         step, lambda tree: jax.tree.map(np.asarray, tree))
 
 
+def start(variant: str, lr: float, seed: int, devices):
+    """The variant and its initial ``(params, state, opt)`` placed on the devices."""
+    tx = optax.sgd(lr, momentum=0.9)
+    params, state = init_cnn(jax.random.key(seed))
+    v = build(variant, tx, devices)
+    return v, v.place((params, state, tx.init(params)))
+
+
 def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: int,
           devices, max_steps: int | None = None) -> dict:
     """Trains one variant; returns per-epoch test accuracy, loss, time and final copies."""
     x_tr, y_tr, x_te, y_te = data
-    tx = optax.sgd(lr, momentum=0.9)
-    params, state = init_cnn(jax.random.key(seed))
-    v = build(variant, tx, devices)
-    params, state, opt = v.place((params, state, tx.init(params)))
+    v, (params, state, opt) = start(variant, lr, seed, devices)
     evaluate = jax.jit(lambda p, s: jnp.mean(jnp.argmax(forward(p, s, x_te, False)[0], -1)
                                              == y_te))
     rng = np.random.default_rng(seed)  # the same data order for every variant
@@ -178,12 +183,8 @@ def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: 
 
 def collectives_per_step(variant: str, data, devices, batch_size: int) -> CollectiveCount:
     """Collectives in one training step of ``variant``: as traced, and as XLA compiled them."""
-    x_tr, y_tr = data[0][:batch_size], data[1][:batch_size]
-    tx = optax.sgd(0.1, momentum=0.9)
-    params, state = init_cnn(jax.random.key(0))
-    v = build(variant, tx, devices)
-    return count_collectives(v.step, *v.place((params, state, tx.init(params))),
-                             *v.shard(x_tr, y_tr))
+    v, placed = start(variant, 0.1, 0, devices)
+    return count_collectives(v.step, *placed, *v.shard(data[0][:batch_size], data[1][:batch_size]))
 
 
 def spread_across_devices(tree) -> float:
