@@ -81,7 +81,10 @@ def make_equinox(x, axis_name=None):
 
     def apply(p, x):  # x: channels-first per example, vmapped over the batch
         model = eqx.combine(p, static)
-        fresh = jax.tree.unflatten(*reversed(jax.tree.flatten(state)))  # Equinox forbids reuse
+        # Equinox forbids reusing a State; traced copies also carry the same (manual-mesh)
+        # sharding as the values Equinox computes under pmap/shard_map, which its State.set
+        # compares against (a closed-over concrete array has none, hence a failed check).
+        fresh = jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), state)
         return jax.vmap(lambda xi: model(xi, fresh), axis_name="batch",
                         out_axes=(0, None))(x)
     return apply, params
