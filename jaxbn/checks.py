@@ -1,26 +1,61 @@
 """Input validation for bn_apply: clear errors at trace time, naming what was expected.
 
+Every check here runs in Python while ``bn_apply`` is traced: it costs nothing at run time.
+
 Example:
   >>> from jaxbn.checks import check_momentum
   >>> check_momentum(1.5)
   Traceback (most recent call last):
   ...
-  ValueError: momentum must lie in [0, 1] (or be None for a cumulative average), got 1.5
+  ValueError: momentum must be a real number in [0, 1] (or None for a cumulative average), got 1.5
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.layout import Layout
+from jaxbn.layout import Layout, as_index
+
+PARAM_KEYS = ("scale", "bias")
+STATE_KEYS = ("mean", "var", "count", "seen")  # "count" and "seen" are optional
 
 
-def _is_concrete_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, jax.core.Tracer)
+def _is_tracer(v) -> bool:
+    return isinstance(v, jax.core.Tracer)
+
+
+def _describe(v) -> str:
+    if hasattr(v, "dtype") and hasattr(v, "shape"):
+        return f"{type(v).__name__} of dtype {v.dtype} and shape {tuple(v.shape)}"
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _concrete_real(value, what: str) -> float | None:
+    """``value`` as a float when it is a concrete real scalar; None when traced.
+
+    Raises TypeError for bools, strings, complex numbers and non-scalar arrays.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be a real number, got the bool {value!r}")
+    if _is_tracer(value):
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(f"{what} must be a real scalar, got a traced {_describe(value)}")
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        dt = np.dtype(value.dtype)
+        if value.shape == () and (np.issubdtype(dt, np.floating) or np.issubdtype(dt, np.integer)
+                                  or dt == jnp.bfloat16):
+            return float(value)
+    raise TypeError(f"{what} must be a real number, got {_describe(value)}")
 
 
 def check_input(x) -> None:
@@ -41,29 +76,80 @@ def check_train_flag(train) -> None:
 
 
 def check_momentum(momentum) -> None:
+    """None, or a real scalar in [0, 1]; a traced float scalar is accepted unchecked."""
     if momentum is None:
         return
-    if _is_concrete_number(momentum) and not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1] (or be None for a cumulative average), "
-                         f"got {momentum}")
+    value = _concrete_real(momentum, "momentum")
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be a real number in [0, 1] (or None for a cumulative "
+                         f"average), got {momentum}")
 
 
-def check_epsilon(epsilon) -> None:
-    if not _is_concrete_number(epsilon):
-        raise TypeError(f"epsilon must be a Python number, got {type(epsilon).__name__}")
-    if not float(epsilon) > 0.0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+def check_epsilon(epsilon, dtype: Any = jnp.float32) -> float:
+    """Returns ``epsilon`` as a float: finite, > 0 and not zero (or subnormal) in ``dtype``."""
+    if _is_tracer(epsilon):
+        raise TypeError(f"epsilon must be a concrete (static) number, got a traced "
+                        f"{_describe(epsilon)}")
+    value = _concrete_real(epsilon, "epsilon")
+    assert value is not None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon}")
+    tiny = float(jnp.finfo(dtype).tiny)
+    if value < tiny:
+        raise ValueError(f"epsilon={epsilon} is zero or subnormal in {jnp.dtype(dtype).name} "
+                         f"(the statistics dtype) and would not keep 1/sqrt(var + epsilon) "
+                         f"finite; use epsilon >= {tiny:.3g}")
+    return value
 
 
-def check_features(layout: Layout, tree: dict, what: str) -> None:
+def _keys_error(what: str, expected: str, given: list, hint: str = "") -> ValueError:
+    return ValueError(f"{what} must have keys {expected}, got keys {given}{hint}")
+
+
+def check_params(params) -> None:
+    """``params`` is a mapping whose keys are among ``scale`` and ``bias``."""
+    expected = "among ('scale', 'bias') (as made by bn_init; {} for neither)"
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict with keys {expected}, got {_describe(params)}")
+    unknown = [k for k in params if k not in PARAM_KEYS]
+    if unknown:
+        hint = ""
+        if "mean" in params or "var" in params:
+            hint = "; params and state look swapped: call bn_apply(params, state, x, train)"
+        raise _keys_error("params", expected, sorted(map(str, params)),
+                          hint + f" (unknown: {unknown})" if not hint else hint)
+
+
+def check_state(state) -> None:
+    """``state`` is a mapping with ``mean`` and ``var`` and optionally ``count`` and ``seen``."""
+    expected = "'mean' and 'var', optionally 'count' and 'seen' (as made by bn_init)"
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict with keys {expected}, got {_describe(state)}")
+    given = sorted(map(str, state))
+    if "scale" in state or "bias" in state:
+        raise _keys_error("state", expected, given, "; params and state look swapped: call "
+                          "bn_apply(params, state, x, train)")
+    missing = [k for k in ("mean", "var") if k not in state]
+    unknown = [k for k in state if k not in STATE_KEYS]
+    if missing or unknown:
+        raise _keys_error("state", expected, given, f" (missing: {missing}, unknown: {unknown})")
+    for key in ("mean", "var"):
+        dt = getattr(state[key], "dtype", None)
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(f"state[{key!r}] must be a floating array, got "
+                            f"{_describe(state[key])}")
+
+
+def check_features(layout: Layout, tree: Mapping, what: str) -> None:
     for key, value in tree.items():
         if key == "count":
             continue
-        if tuple(value.shape) != layout.feature_shape:
+        if tuple(np.shape(value)) != layout.feature_shape:
             raise ValueError(
-                f"{what}[{key!r}] has shape {tuple(value.shape)} but x of shape {layout.shape} "
-                f"has features {layout.feature_shape} along axis {layout.feature_axes}; "
-                f"pass axis= for the feature axis, or bn_init with the right features")
+                f"{what}[{key!r}] has shape {tuple(np.shape(value))} but x of shape "
+                f"{layout.shape} has features {layout.feature_shape} along axis "
+                f"{layout.feature_axes}; pass axis= for the feature axis, or bn_init with the "
+                f"right features")
 
 
 def check_mask(mask, x_shape: tuple[int, ...]):
@@ -82,12 +168,31 @@ def check_mask(mask, x_shape: tuple[int, ...]):
     return mask
 
 
-def check_enough_elements(layout: Layout, mask, axis_name) -> None:
-    if axis_name is None and mask is None and layout.local_count <= 1:
+def check_enough_elements(layout: Layout, mask, devices: int = 1,
+                          virtual_batch_size: int | None = None,
+                          allow_single_value: bool = False) -> None:
+    """Refuses a batch with exactly one value per feature (the variance is undefined).
+
+    The count is the global one: this device's elements (per ghost batch with
+    ``virtual_batch_size``) times ``devices``, the number of devices pooled over. An empty
+    batch (count 0) is accepted: ``y`` is empty and the state is left unchanged. With a mask
+    the count is only known at run time and is not checked here.
+    """
+    if mask is not None or allow_single_value:
+        return
+    local = layout.local_count
+    vb = ""
+    if virtual_batch_size is not None and layout.shape[0]:
+        local = local // layout.shape[0] * virtual_batch_size
+        vb = f" in each ghost batch of virtual_batch_size={virtual_batch_size}"
+    total = local * devices
+    if total == 1:
+        pooled = f" over the {devices} pooled device(s)" if devices > 1 else ""
         raise ValueError(
-            f"training needs more than one value per feature to compute a variance, got x of "
-            f"shape {layout.shape} with features on axis {layout.feature_axes} (1 value each); "
-            f"use train=False, a larger batch, or axis_name to pool over devices")
+            f"training needs more than one value per feature to compute a variance; x of "
+            f"shape {layout.shape} with features on axis {layout.feature_axes} gives 1 value "
+            f"per feature{vb}{pooled}. Use train=False, a larger batch, axis_name to pool "
+            f"over devices, or allow_single_value=True (variance 0: y = bias, as flax.linen)")
 
 
 def check_groups(axis_name, axis_index_groups) -> None:
@@ -96,17 +201,37 @@ def check_groups(axis_name, axis_index_groups) -> None:
                          "groups index")
 
 
-def check_virtual_batch(x_shape: tuple[int, ...], feature_axes, virtual_batch_size) -> None:
-    if virtual_batch_size is None:
+def check_groups_cover(groups: tuple[tuple[int, ...], ...] | None, axis_size: int,
+                       axis_name) -> None:
+    """``groups`` must split the device indices ``0..axis_size-1`` into disjoint groups."""
+    if groups is None:
         return
-    if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+    flat = [i for g in groups for i in g]
+    bad = sorted({i for i in flat if not 0 <= i < axis_size})
+    dup = sorted({i for i in flat if flat.count(i) > 1})
+    missing = sorted(set(range(axis_size)) - set(flat))
+    if bad or dup or missing:
+        raise ValueError(
+            f"axis_index_groups must split the {axis_size} device indices 0..{axis_size - 1} "
+            f"of axis_name={axis_name!r} into disjoint groups of equal size, got {groups} "
+            f"(out of range: {bad}, repeated: {dup}, missing: {missing})")
+
+
+def check_virtual_batch(x_shape: tuple[int, ...], feature_axes,
+                        virtual_batch_size) -> int | None:
+    """Returns ``virtual_batch_size`` as an int (or None) after checking it splits axis 0."""
+    if virtual_batch_size is None:
+        return None
+    size = as_index(virtual_batch_size, "virtual_batch_size")
+    if size < 1:
         raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
     if 0 in feature_axes:
         raise ValueError("virtual_batch_size splits axis 0 (the batch), which is a feature axis "
                          "here")
-    if x_shape[0] % virtual_batch_size:
+    if x_shape[0] % size:
         raise ValueError(f"the batch size {x_shape[0]} (axis 0) is not divisible by "
-                         f"virtual_batch_size={virtual_batch_size}")
+                         f"virtual_batch_size={size}")
+    return size
 
 
 def check_renorm(renorm) -> None:
@@ -115,7 +240,26 @@ def check_renorm(renorm) -> None:
     if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
         raise ValueError(f"renorm must be a pair (r_max, d_max), got {renorm!r}")
     r_max, d_max = renorm
-    if _is_concrete_number(r_max) and not r_max >= 1.0:
+    r = _concrete_real(r_max, "renorm r_max")
+    d = _concrete_real(d_max, "renorm d_max")
+    if r is not None and not r >= 1.0:
         raise ValueError(f"renorm r_max must be >= 1, got {r_max}")
-    if _is_concrete_number(d_max) and not d_max >= 0.0:
+    if d is not None and not d >= 0.0:
         raise ValueError(f"renorm d_max must be >= 0, got {d_max}")
+
+
+def check_stats_dtype(dtype) -> jnp.dtype:
+    """The dtype of running statistics: float32 or float64 (float64 needs jax_enable_x64)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"stats_dtype must be a floating dtype (float32 or float64), got "
+                        f"{dtype!r}") from None
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"stats_dtype must be float32 or float64 (running statistics in a "
+                         f"narrower dtype stall: momentum * old rounds back to old), got {dt}")
+    if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError("stats_dtype=float64 needs 64-bit JAX: "
+                         "jax.config.update('jax_enable_x64', True) before creating arrays")
+    return dt
+

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import checks, collectives, running
+from jaxbn import checks, collectives, moments, running
 from jaxbn.layout import Axis, Layout, as_features, make_layout
 from jaxbn.normalize import Renorm, TrainConfig, eval_normalize, train_normalize
 
@@ -80,7 +80,8 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
              mask: jax.Array | None = None, unbiased_running_var: bool = False,
              virtual_batch_size: int | None = None,
              renorm: tuple[Any, Any] | None = None,
-             skip_nonfinite: bool = False) -> tuple[jax.Array, State]:
+             skip_nonfinite: bool = False,
+             allow_single_value: bool = False) -> tuple[jax.Array, State]:
     """Applies Batch Normalization; returns ``(y, new_state)``.
 
     Args:
@@ -104,6 +105,12 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
       renorm: ``(r_max, d_max)`` for batch renormalization (Ioffe 2017); may be traced.
       skip_nonfinite: leave the running statistics unchanged when the batch statistics are
         not finite.
+      allow_single_value: by default, training on a batch with exactly one value per feature
+        (counted over all devices of ``axis_name``, or per ghost batch) raises a ValueError,
+        as PyTorch does: its variance is undefined. True accepts it as flax.linen does: the
+        variance is 0, so ``y = bias`` and the running variance is pulled toward 0. An empty
+        batch (no values) is always accepted: ``y`` is empty and the state is unchanged, as
+        with an all-False ``mask``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -116,10 +123,12 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
     """
     checks.check_input(x)
     checks.check_train_flag(train)
+    checks.check_params(params)
+    checks.check_state(state)
     layout = make_layout(x.shape, axis)
     checks.check_features(layout, params, "params")
     checks.check_features(layout, state, "state")
-    checks.check_epsilon(epsilon)
+    epsilon = checks.check_epsilon(epsilon, moments.stats_dtype(x.dtype))
     scale, bias = params.get("scale"), params.get("bias")
     if not train:
         y = eval_normalize(x, _as_broadcast(state["mean"], layout),
@@ -130,16 +139,19 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
     checks.check_momentum(momentum)
     mask = checks.check_mask(mask, layout.shape)
     checks.check_groups(axis_name, axis_index_groups)
-    checks.check_virtual_batch(layout.shape, layout.feature_axes, virtual_batch_size)
+    virtual_batch_size = checks.check_virtual_batch(layout.shape, layout.feature_axes,
+                                                    virtual_batch_size)
     checks.check_renorm(renorm)
     if momentum is None and "count" not in state:
         raise ValueError("momentum=None (cumulative average) needs state['count']; build the "
                          "state with bn_init")
     groups = collectives.normalize_groups(axis_index_groups)
+    devices = 1  # how many devices' batches are pooled into one set of statistics
     if axis_name is not None:
-        collectives.check_bound(axis_name)
-    else:
-        checks.check_enough_elements(layout, mask, axis_name)
+        axis_size = collectives.check_bound(axis_name)
+        checks.check_groups_cover(groups, axis_size, axis_name)
+        devices = axis_size if groups is None else len(groups[0])
+    checks.check_enough_elements(layout, mask, devices, virtual_batch_size, allow_single_value)
 
     work_x, work_mask, work_layout, lead = x, mask, layout, 0
     if virtual_batch_size is not None:

@@ -13,8 +13,11 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 Axis = int | Sequence[int]
 
@@ -34,15 +37,40 @@ class Layout(NamedTuple):
         return math.prod(self.shape[a] for a in self.reduce_axes)
 
 
+def as_index(value: Any, what: str) -> int:
+    """``value`` as a Python int: ints, NumPy integers and concrete 0-d integer arrays pass;
+    bools, floats and traced values raise a TypeError naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_:
+        raise TypeError(f"{what} must be an int, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    except Exception as err:  # a tracer: jax raises its own ConcretizationTypeError subclass
+        raise TypeError(f"{what} must be a static (concrete) int, got a traced value: "
+                        f"{value!r}") from err
+    kind = f"{type(value).__name__}"
+    if hasattr(value, "dtype"):
+        kind += f" of dtype {value.dtype} and shape {tuple(value.shape)}"
+    raise TypeError(f"{what} must be an int, got {value!r} ({kind})")
+
+
+def _int_or_tuple(value: Any, what: str) -> tuple[int, ...]:
+    """An int (any integer type) or a sequence of them, as a tuple of Python ints."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be an int or a tuple of ints, got {value!r}")
+    if np.ndim(value) == 0 or not hasattr(value, "__iter__"):
+        return (as_index(value, what),)
+    return tuple(as_index(v, f"each entry of {what}={value!r}") for v in value)
+
+
 def canonicalize_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     """Returns ``axis`` as sorted non-negative ints; raises ValueError when out of range."""
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = _int_or_tuple(axis, "axis")
     if not axes:
         raise ValueError("axis must name at least one feature axis, got an empty tuple")
     out = []
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool):
-            raise TypeError(f"axis entries must be ints, got {a!r} in axis={axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(
                     f"axis {a} is out of range for an input of rank {ndim} "
@@ -65,7 +93,7 @@ def make_layout(shape: Sequence[int], axis: Axis) -> Layout:
 
 def as_features(shape: int | Sequence[int]) -> tuple[int, ...]:
     """Normalizes ``features`` (an int or a tuple of ints) to a tuple of positive ints."""
-    feats = (shape,) if isinstance(shape, int) else tuple(shape)
-    if not feats or any((not isinstance(f, int)) or isinstance(f, bool) or f <= 0 for f in feats):
+    feats = _int_or_tuple(shape, "features")
+    if not feats or any(f <= 0 for f in feats):
         raise ValueError(f"features must be a positive int or a tuple of them, got {shape!r}")
     return feats
