@@ -173,8 +173,9 @@ def check_enough_elements(layout: Layout, mask, devices: int = 1,
                           allow_single_value: bool = False) -> None:
     """Refuses a batch with exactly one value per feature (the variance is undefined).
 
-    The count is the global one: this device's elements (per ghost batch with
-    ``virtual_batch_size``) times ``devices``, the number of devices pooled over. An empty
+    The count is the global one: this device's elements times ``devices``, the number of
+    devices pooled over; with ``virtual_batch_size``, the elements of one ghost batch (ghost
+    batches are per device, so ``devices`` does not count). An empty
     batch (count 0) is accepted: ``y`` is empty and the state is left unchanged. With a mask
     the count is only known at run time and is not checked here.
     """
@@ -182,9 +183,10 @@ def check_enough_elements(layout: Layout, mask, devices: int = 1,
         return
     local = layout.local_count
     vb = ""
-    if virtual_batch_size is not None and layout.shape[0]:
-        local = local // layout.shape[0] * virtual_batch_size
+    if virtual_batch_size is not None:  # ghost batches are each device's own groups
+        local = local // max(layout.shape[0], 1) * virtual_batch_size
         vb = f" in each ghost batch of virtual_batch_size={virtual_batch_size}"
+        devices = 1
     total = local * devices
     if total == 1:
         pooled = f" over the {devices} pooled device(s)" if devices > 1 else ""

@@ -22,14 +22,22 @@ State = dict[str, jax.Array]
 
 
 def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: bool = True,
-            param_dtype: Any = jnp.float32) -> tuple[Params, State]:
+            param_dtype: Any = jnp.float32,
+            stats_dtype: Any = jnp.float32) -> tuple[Params, State]:
     """Creates BatchNorm parameters and state.
 
     Args:
-      features: size of the feature axis, or a tuple of sizes for several feature axes.
+      features: size of the feature axis, or a tuple of sizes for several feature axes (ints,
+        NumPy integers or 0-d integer arrays).
       use_scale: include a learned ``scale`` (initialized to ones).
       use_bias: include a learned ``bias`` (initialized to zeros).
-      param_dtype: dtype of ``scale`` and ``bias``. Running statistics are always float32.
+      param_dtype: dtype of ``scale`` and ``bias``.
+      stats_dtype: dtype of the running ``mean`` and ``var``: float32 (default) or float64
+        (needs ``jax.config.update("jax_enable_x64", True)``). ``bn_apply`` never narrows
+        it: the updated statistics come back in the wider of this dtype and the batch
+        statistics' (float32, or float64 for float64 input), like flax.linen, so with float64
+        input pass ``stats_dtype=jnp.float64`` to keep the state's dtype fixed from the start
+        (as ``lax.scan`` carries need). A state cast to bfloat16/float16 comes back float32.
 
     Returns:
       ``(params, state)``: ``params = {"scale", "bias"}`` (a key is absent when disabled);
@@ -39,16 +47,17 @@ def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: 
     Example:
       >>> import jaxbn
       >>> params, state = jaxbn.bn_init(3)
-      >>> sorted(params), sorted(state), params["scale"].shape
-      (['bias', 'scale'], ['count', 'mean', 'var'], (3,))
+      >>> sorted(params), sorted(state), params["scale"].shape, state["mean"].dtype.name
+      (['bias', 'scale'], ['count', 'mean', 'var'], (3,), 'float32')
     """
     shape = as_features(features)
+    sdt = checks.check_stats_dtype(stats_dtype)
     params: Params = {}
     if use_scale:
         params["scale"] = jnp.ones(shape, param_dtype)
     if use_bias:
         params["bias"] = jnp.zeros(shape, param_dtype)
-    state: State = {"mean": jnp.zeros(shape, jnp.float32), "var": jnp.ones(shape, jnp.float32),
+    state: State = {"mean": jnp.zeros(shape, sdt), "var": jnp.ones(shape, sdt),
                     "count": jnp.zeros((), jnp.int32)}
     return params, state
 
@@ -86,7 +95,9 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
 
     Args:
       params: ``{"scale", "bias"}`` from :func:`bn_init` (either key may be absent).
-      state: ``{"mean", "var", ...}`` running statistics from :func:`bn_init`.
+      state: ``{"mean", "var"}`` running statistics from :func:`bn_init`, optionally with
+        ``"count"`` and ``"seen"``; other keys raise. The new state's statistics come back in
+        the wider of the state's dtype and the batch statistics' (at least float32).
       x: floating input. ``y`` comes back in ``x``'s dtype; statistics are float32 or wider.
       train: True normalizes with this batch's statistics (reduced over every axis but
         ``axis``, and over the devices of ``axis_name``) and updates the running statistics;
@@ -100,6 +111,8 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
       axis_index_groups: groups of device indices along ``axis_name`` that share statistics.
       mask: boolean, broadcastable to ``x``: the elements that count toward the statistics.
       unbiased_running_var: accumulate ``n / (n - 1)`` times the batch variance (PyTorch).
+        In precise mode (:func:`jaxbn.reset_stats`) the factor is applied once, with ``n`` the
+        whole population's count, so the result is the unbiased variance of all the batches.
       virtual_batch_size: ghost batch normalization: normalize consecutive groups of this many
         examples (along axis 0) with their own statistics.
       renorm: ``(r_max, d_max)`` for batch renormalization (Ioffe 2017); may be traced.
@@ -172,23 +185,27 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
 
     mean, var, count = (jnp.broadcast_to(lax.stop_gradient(v), work_layout.broadcast_shape)
                         .reshape(work_layout.feature_shape) for v in (mean, var, count))
-    if unbiased_running_var:
+    if unbiased_running_var and "seen" not in state:  # precise mode: once, in _update_state
         var = running.unbiased(var, count)
     if lead and "seen" in state:  # precise mode wants the whole batch's statistics
         between = jnp.mean(jnp.square(mean - mean.mean(0)), axis=0)
         mean, var, count = mean.mean(0), var.mean(0) + between, count.sum(0)
     elif lead:
         mean, var, count = mean.mean(0), var.mean(0), count.sum(0)
-    return y, _update_state(state, mean, var, count, momentum, skip_nonfinite)
+    return y, _update_state(state, mean, var, count, momentum, skip_nonfinite,
+                            unbiased_running_var)
 
 
-def _update_state(state: State, mean, var, count, momentum, skip_nonfinite) -> State:
+def _update_state(state: State, mean, var, count, momentum, skip_nonfinite,
+                  unbiased_running_var: bool = False) -> State:
+    """The new running statistics. Each comes back in ``running.update_dtype``: never narrower
+    than the given state or the batch statistics (a bfloat16 state comes back float32)."""
     ok = count > 0
     if skip_nonfinite:
         ok = ok & jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     if "seen" in state:  # precise mode (see reset_stats): exact population statistics
         m, v, seen = running.accumulate(state["mean"], state["var"], state["seen"], mean, var,
-                                        count)
+                                        count, unbiased_var=unbiased_running_var)
         updated = {"mean": m, "var": v, "seen": seen}
     elif momentum is None:
         updated = {k: running.cumulative(state[k], b, state["count"])
@@ -197,7 +214,7 @@ def _update_state(state: State, mean, var, count, momentum, skip_nonfinite) -> S
         updated = {k: running.ema(state[k], b, momentum) for k, b in (("mean", mean), ("var", var))}
     new = dict(state)
     for key, value in updated.items():
-        new[key] = running.keep_where(ok, value.astype(state[key].dtype), state[key])
+        new[key] = running.keep_where(ok, value, state[key])
     if "count" in state:
         new["count"] = state["count"] + jnp.any(ok).astype(state["count"].dtype)
     return new
