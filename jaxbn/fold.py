@@ -55,10 +55,18 @@ def fold_conv(kernel: jax.Array, bias: jax.Array | None, params: Mapping, state:
     return _fold(kernel, bias, params, state, epsilon)
 
 
-def _get(tree, path):
+def _get(tree, path: str, what: str):
+    """``tree[k1][k2]...`` for ``path = "k1/k2/..."``; a KeyError names the missing step."""
+    node, done = tree, []
     for key in path.split("/"):
-        tree = tree[key]
-    return tree
+        if not isinstance(node, Mapping) or key not in node:
+            where = "/".join(done) or "the top level"
+            avail = sorted(map(str, node)) if isinstance(node, Mapping) else []
+            raise KeyError(f"fold_linen: {what} path {path!r} not found: no {key!r} under "
+                           f"{where} (available keys there: {avail})")
+        node = node[key]
+        done.append(key)
+    return node
 
 
 def _set(tree, path, value):
@@ -77,11 +85,19 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
 
     ``pairs`` maps the path of each Dense/Conv module to the path of the BatchNorm that
     follows it (``"/"``-separated, as under ``variables["params"]``), e.g.
-    ``{"Conv_0": "BatchNorm_0", "block/Dense_1": "block/BatchNorm_1"}``. The layers get the
-    folded kernel and a bias (created if the layer had none: build the folded model with
-    ``use_bias=True`` there), and each BatchNorm becomes an exact identity in eval mode (mean 0,
-    var 1, scale ``sqrt(1 + eps)`` or no scale, bias 0). Returns new variables; the input is
-    not modified.
+    ``{"Conv_0": "BatchNorm_0", "block/Dense_1": "block/BatchNorm_1"}``. Returns new variables
+    for the SAME model (the input is not modified), which computes what it computed before:
+
+    - each layer gets the folded kernel; a layer with a bias gets the folded bias, and its
+      BatchNorm becomes an exact identity in eval mode (mean 0, var 1, scale
+      ``sqrt(1 + eps)`` or no scale, bias 0);
+    - a layer without a bias (``use_bias=False``) cannot hold one, so the folded shift stays
+      in its BatchNorm, which becomes an exact per-feature addition (mean ``-shift``, var 1,
+      scale ``sqrt(1 + eps)`` or no scale, bias 0). To drop such a BatchNorm from the
+      model, build the layer with a bias from :func:`fold_dense` / :func:`fold_conv`.
+
+    A path that is not in the tree raises a KeyError naming the missing key and the keys
+    available there.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
@@ -95,14 +111,24 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
       >>> bool(jnp.allclose(Net().apply(v, x), Net().apply(folded, x), atol=1e-5))
       True
     """
+    for key in ("params", "batch_stats"):
+        if not isinstance(variables, Mapping) or key not in variables:
+            given = sorted(variables) if isinstance(variables, Mapping) else type(variables)
+            raise KeyError(f"fold_linen needs the model's variables with 'params' and "
+                           f"'batch_stats' collections, got {given}")
     params = variables["params"]
     stats = variables["batch_stats"]
     for layer, bn in pairs.items():
-        lp = _get(params, layer)
-        bp = _get(params, bn)
-        bs = _get(stats, bn)
+        lp = _get(params, layer, "layer")
+        bp = _get(params, bn, "BatchNorm params")
+        bs = _get(stats, bn, "BatchNorm batch_stats")
+        if "kernel" not in lp:
+            raise KeyError(f"fold_linen: {layer!r} has no 'kernel' (keys: {sorted(lp)}); it "
+                           f"must be a Dense or Conv layer")
         kernel, bias = _fold(lp["kernel"], lp.get("bias"), bp, bs, epsilon)
-        params = _set(params, layer, dict(lp, kernel=kernel, bias=bias))
+        has_bias = "bias" in lp
+        params = _set(params, layer, dict(lp, kernel=kernel, **({"bias": bias} if has_bias
+                                                                else {})))
         new_bp = {}
         if "scale" in bp:
             new_bp["scale"] = jnp.full_like(bp["scale"], jnp.sqrt(1.0 + epsilon))
@@ -110,6 +136,7 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
             new_bp["bias"] = jnp.zeros_like(bp["bias"])
         params = _set(params, bn, new_bp)
         var_value = 1.0 if "scale" in bp else 1.0 - epsilon
-        stats = _set(stats, bn, dict(bs, mean=jnp.zeros_like(bs["mean"]),
-                                     var=jnp.full_like(bs["var"], var_value)))
+        mean = (jnp.zeros_like(bs["mean"]) if has_bias
+                else (-bias.astype(jnp.promote_types(bias.dtype, bs["mean"].dtype))))
+        stats = _set(stats, bn, dict(bs, mean=mean, var=jnp.full_like(bs["var"], var_value)))
     return {**variables, "params": params, "batch_stats": stats}

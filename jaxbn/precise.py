@@ -3,10 +3,11 @@
 After training, or after changing weights (e.g. folding, pruning, weight averaging), the
 running statistics no longer match the network. Recompute them exactly:
 
-1. ``tree = reset_stats(tree)`` gives every BatchNorm state (any dict with ``mean`` and
-   ``var``) zero statistics and a ``seen`` counter. A state holding ``seen`` is in precise
-   mode: ``bn_apply(train=True)`` accumulates the count-weighted mean and variance of every
-   element it sees (Chan's parallel rule), whatever the momentum.
+1. ``tree = reset_stats(tree)`` gives every BatchNorm state (any mapping with ``mean`` and
+   ``var``, anywhere in a pytree of dicts, lists, tuples or FrozenDicts) zero statistics and a
+   ``seen`` counter. A state holding ``seen`` is in precise mode: ``bn_apply(train=True)``
+   accumulates the count-weighted mean and variance of every element it sees (Chan's parallel
+   rule), whatever the momentum.
 2. Run the model in training mode over N batches, keeping the returned states.
 3. ``tree = finish_stats(tree)`` drops the ``seen`` counters: the states are ordinary again.
 
@@ -27,31 +28,44 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 
 def _is_bn_state(node) -> bool:
-    return isinstance(node, dict) and "mean" in node and "var" in node
+    return isinstance(node, Mapping) and "mean" in node and "var" in node
+
+
+def _rebuild(like: Mapping, items: dict) -> Any:
+    """``items`` as a mapping of ``like``'s type (dict, FrozenDict, ...)."""
+    if type(like) is dict:
+        return items
+    try:
+        return type(like)(items)
+    except TypeError:
+        return items
 
 
 def _map_states(tree, fn):
-    if _is_bn_state(tree):
-        return fn(tree)
-    if hasattr(tree, "items"):
-        return {k: _map_states(v, fn) for k, v in tree.items()}
-    return tree
+    """Applies ``fn`` to every BatchNorm state (a mapping with ``mean`` and ``var``) in ``tree``:
+    any pytree of dicts, lists, tuples, NamedTuples, FrozenDicts... Other leaves are kept."""
+    def visit(node):
+        return _rebuild(node, fn(dict(node))) if _is_bn_state(node) else node
+    return jax.tree.map(visit, tree, is_leaf=_is_bn_state)
 
 
 def reset_stats(tree: Any) -> Any:
-    """Zeroes every BatchNorm state in ``tree`` and switches it to precise accumulation."""
+    """Zeroes every BatchNorm state in ``tree`` (any pytree) and switches it to precise
+    accumulation."""
     def reset(s):
         out = dict(s)
         out["mean"] = jnp.zeros_like(s["mean"])
         out["var"] = jnp.zeros_like(s["var"])
-        out["seen"] = jnp.zeros(jnp.shape(s["mean"]), jnp.float32)
+        out["seen"] = jnp.zeros(jnp.shape(s["mean"]),
+                                jnp.promote_types(jnp.result_type(s["mean"]), jnp.float32))
         if "count" in s:
             out["count"] = jnp.zeros_like(s["count"])
         return out
@@ -59,7 +73,8 @@ def reset_stats(tree: Any) -> Any:
 
 
 def finish_stats(tree: Any) -> Any:
-    """Ends precise accumulation: removes the ``seen`` counters from every BatchNorm state."""
+    """Ends precise accumulation: removes the ``seen`` counters from every BatchNorm state in
+    ``tree`` (any pytree)."""
     return _map_states(tree, lambda s: {k: v for k, v in s.items() if k != "seen"})
 
 
@@ -69,7 +84,7 @@ def precise_linen_stats(apply_fn: Callable, variables: dict, batches: Iterable,
 
     ``apply_fn`` is ``model.apply`` (jit it for speed); each batch is passed as the first
     input, with ``apply_kwargs`` selecting training mode (e.g. ``train=True``). Returns new
-    variables with exact population statistics.
+    variables (a dict, or a FrozenDict if given one) with exact population statistics.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -80,9 +95,13 @@ def precise_linen_stats(apply_fn: Callable, variables: dict, batches: Iterable,
       >>> v["batch_stats"]["mean"].tolist(), v["batch_stats"]["var"].tolist()
       ([3.0], [5.0])
     """
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+        keys = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise KeyError(f"precise_linen_stats needs the model's variables with a 'batch_stats' "
+                       f"collection, got {keys}")
     stats = reset_stats(variables["batch_stats"])
     for batch in batches:
         _, upd = apply_fn({**variables, "batch_stats": stats}, batch, mutable=("batch_stats",),
                           **apply_kwargs)
         stats = upd["batch_stats"]
-    return {**variables, "batch_stats": finish_stats(stats)}
+    return _rebuild(variables, {**variables, "batch_stats": finish_stats(stats)})
