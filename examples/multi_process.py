@@ -4,7 +4,7 @@ Launches ``--num-processes`` worker processes (2 CPU devices each by default) on
 They form one JAX cluster; a global batch is sharded over all devices with ``shard_map``
 and ``jaxbn.bn_apply(..., axis_name="d")`` computes its statistics across processes. Process
 0 writes the running statistics after one step, with the float64 statistics of the global
-batch for comparison, to ``--out`` (JSON) and prints them.
+batch for comparison, to ``--out``/result.json; the launcher then prints a one-line verdict.
 
   python examples/multi_process.py                 # 2 processes x 2 devices
   python examples/multi_process.py --num-processes 3 --devices-per-process 2
@@ -19,9 +19,12 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 FEATURES = 5
 PER_DEVICE = 6
+RESULT = "result.json"
+MEAN_RTOL, VAR_RTOL = 1e-6, 1e-4  # float32 statistics against the float64 reference
 
 
 def global_batch(num_devices: int, seed: int = 0):
@@ -69,9 +72,7 @@ def worker(args) -> None:
         result = {"num_processes": args.num_processes, "global_devices": len(devices),
                   "mean": mean.tolist(), "var": var.tolist(),
                   "reference_mean": x64.mean(0).tolist(), "reference_var": x64.var(0).tolist()}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(json.dumps(result))
+        (Path(args.out) / RESULT).write_text(json.dumps(result, indent=1))
     jax.distributed.shutdown()
 
 
@@ -83,6 +84,8 @@ def free_port() -> int:
 
 def launch(num_processes: int, devices_per_process: int, out: str, timeout: float) -> int:
     """Starts the workers, waits at most ``timeout`` seconds, returns the worst exit code."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / RESULT).unlink(missing_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen(
@@ -102,12 +105,36 @@ def launch(num_processes: int, devices_per_process: int, out: str, timeout: floa
     return max(abs(c) for c in codes)
 
 
+def verdict(out: str, code: int) -> tuple[bool, str]:
+    """Reads process 0's result and compares it with the float64 statistics."""
+    path = Path(out) / RESULT
+    if code != 0 or not path.exists():
+        return False, f"FAILED: the workers exited with code {code}; no result in {path}"
+    import numpy as np
+
+    r = json.loads(path.read_text())
+    err_mean = float(np.max(np.abs(np.subtract(r["mean"], r["reference_mean"]))
+                            / np.abs(r["reference_mean"])))
+    err_var = float(np.max(np.abs(np.subtract(r["var"], r["reference_var"]))
+                           / np.abs(r["reference_var"])))
+    ok = err_mean <= MEAN_RTOL and err_var <= VAR_RTOL
+    return ok, (f"{'OK' if ok else 'FAILED'}: {r['num_processes']} processes, "
+                f"{r['global_devices']} devices: the synchronized running statistics match the "
+                f"global batch's float64 statistics (max relative error: mean {err_mean:.1e}, "
+                f"var {err_var:.1e}; result in {path})")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-processes", type=int, default=2)
-    parser.add_argument("--devices-per-process", type=int, default=2)
-    parser.add_argument("--out", default="multi_process.json")
-    parser.add_argument("--timeout", type=float, default=180.0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=2,
+                        help="worker processes to launch on 127.0.0.1")
+    parser.add_argument("--devices-per-process", type=int, default=2,
+                        help="fake CPU devices in each process")
+    parser.add_argument("--out", default="out/multi_process",
+                        help=f"folder for {RESULT} (created if needed)")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds to wait for the workers before killing them")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -115,7 +142,10 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    return launch(args.num_processes, args.devices_per_process, args.out, args.timeout)
+    code = launch(args.num_processes, args.devices_per_process, args.out, args.timeout)
+    ok, line = verdict(args.out, code)
+    print(line)
+    return 0 if ok else (code or 1)
 
 
 if __name__ == "__main__":
