@@ -80,7 +80,8 @@ def _set(tree, path, value):
     return out
 
 
-def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e-5) -> dict:
+def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e-5, *,
+               add_bias: bool = False) -> dict:
     """Folds named (Dense or Conv, BatchNorm) pairs of a Flax linen variable tree.
 
     ``pairs`` maps the path of each Dense/Conv module to the path of the BatchNorm that
@@ -93,8 +94,10 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
       ``sqrt(1 + eps)`` or no scale, bias 0);
     - a layer without a bias (``use_bias=False``) cannot hold one, so the folded shift stays
       in its BatchNorm, which becomes an exact per-feature addition (mean ``-shift``, var 1,
-      scale ``sqrt(1 + eps)`` or no scale, bias 0). To drop such a BatchNorm from the
-      model, build the layer with a bias from :func:`fold_dense` / :func:`fold_conv`.
+      scale ``sqrt(1 + eps)`` or no scale, bias 0);
+    - with ``add_bias=True`` such a layer gets a new ``bias`` holding the shift and its
+      BatchNorm becomes an identity, for a model REBUILT with ``use_bias=True`` on those layers
+      (Flax would silently ignore the extra bias in the original model, hence not the default).
 
     A path that is not in the tree raises a KeyError naming the missing key and the keys
     available there.
@@ -126,7 +129,7 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
             raise KeyError(f"fold_linen: {layer!r} has no 'kernel' (keys: {sorted(lp)}); it "
                            f"must be a Dense or Conv layer")
         kernel, bias = _fold(lp["kernel"], lp.get("bias"), bp, bs, epsilon)
-        has_bias = "bias" in lp
+        has_bias = "bias" in lp or add_bias
         params = _set(params, layer, dict(lp, kernel=kernel, **({"bias": bias} if has_bias
                                                                 else {})))
         new_bp = {}

@@ -438,3 +438,17 @@ def test_feature_sharded_explicit_mesh(devices, opts):
         want_mean, want_var = 0.01 * mean, 0.99 + 0.01 * var
     np.testing.assert_allclose(new["mean"], want_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new["var"], want_var, rtol=1e-5)
+
+
+def test_fold_linen_add_bias_for_a_model_rebuilt_with_biases():
+    rng = np.random.RandomState(2)
+    x = jnp.asarray(rng.randn(5, 4), jnp.float32)
+    v = _Net(False).init(jax.random.key(0), x)
+    v = {"params": dict(v["params"]), "batch_stats": dict(v["batch_stats"])}
+    mean, var = rng.randn(F) * 3, rng.rand(F) * 4 + 0.5
+    v["batch_stats"]["BatchNorm_0"] = {"mean": jnp.asarray(mean, jnp.float32),
+                                       "var": jnp.asarray(var, jnp.float32)}
+    folded = jaxbn.fold_linen(v, {"Dense_0": "BatchNorm_0"}, add_bias=True)
+    z = np.asarray(x, np.float64) @ np.asarray(v["params"]["Dense_0"]["kernel"], np.float64)
+    want = (z - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(_Net(True).apply(folded, x), want, atol=2e-5, rtol=1e-5)
