@@ -1,0 +1,168 @@
+"""Cross-device combination of batch moments: count-weighted, stable, O(F) bytes at scale.
+
+Each device brings its local :class:`~jaxbn.moments.Moments` ``(count, m0, corr, m2)``: the
+mean is ``m0 + corr`` held as two floats, ``m2`` the sum of squared deviations about it.
+:func:`combine_across` returns the moments of the union of the devices' data, the mean again
+as two floats, so that every device can normalize with ``((x - m0) - corr) * invstd`` without
+rounding the mean first.
+
+Two exact methods, chosen by the static number of devices ``D`` in a group:
+
+* ``"gather"`` (``D <= GATHER_MAX_DEVICES``): ONE all-gather of every device's
+  ``(m0, corr, m2[, count])``, then Chan's parallel rule about the provisional mean of the
+  device with the most elements, differences of provisional means taken first. Exact in
+  every case; moves ``(3F + c) * D`` floats to each device.
+* ``"reduce"`` (above): ONE all-reduce of ``(S1, S2[, count])``, the sums of ``x - K`` and
+  ``(x - K)**2`` about a per-feature ``shift`` ``K`` that all devices already agree on (the
+  running mean), rebuilt from each device's unrounded ``(m0, corr, m2)``. Its size does not
+  depend on ``D``. The variance ``S2/N - (S1/N)**2`` loses ``1 + r`` in relative precision,
+  ``r = (mean - K)**2 / var``. When ``r > RATIO_LIMIT`` for some feature (a cold or lagging
+  shift at a large offset), a second all-reduce about ``K + S1/N`` (now within rounding of
+  the mean) runs inside a ``lax.cond``. The predicate is built only from the all-reduced
+  sums, so it is bitwise the same on every device of a group and the branch is uniform.
+
+``"two_rounds"`` is ``"reduce"`` with the second round always executed (no conditional:
+for backends where a data-dependent branch costs a host synchronization).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxbn.moments import Moments
+  >>> from jaxbn.sync_stats import combine_across
+  >>> m0, corr, m2 = jnp.array([[1.0], [3.0]]), jnp.zeros((2, 1)), jnp.array([[2.0], [8.0]])
+  >>> def f(m0, corr, m2):  # two devices with 2 rows each: means 1 and 3
+  ...     return combine_across(Moments(2, m0, corr, m2), "d", None, method="reduce")
+  >>> out = jax.vmap(f, axis_name="d")(m0, corr, m2)
+  >>> out.count.tolist(), (out.m0 + out.corr)[0].tolist(), out.m2[0].tolist()
+  ([4, 4], [2.0], [14.0])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import collectives, moments
+from jaxbn.moments import Moments, safe_div
+
+# Largest group size combined by all-gather; above it, the O(F) all-reduce. Module-level so
+# that tests (and users) can force either method on a given device count.
+GATHER_MAX_DEVICES = 8
+# Largest (mean - shift)**2 / var accepted from the first all-reduce; the variance keeps
+# about 1 + RATIO_LIMIT times single-device rounding in the worst case.
+RATIO_LIMIT = 4.0
+METHODS = ("gather", "reduce", "two_rounds")
+
+
+def group_size(axis_name: collectives.AxisName, groups: collectives.Groups) -> int:
+    """Static number of devices whose statistics are combined (a group's size when grouped)."""
+    total = collectives.check_bound(axis_name)
+    return total if groups is None else len(groups[0])
+
+
+def choose_method(num_devices: int) -> str:
+    """``"gather"`` up to :data:`GATHER_MAX_DEVICES` devices, ``"reduce"`` above."""
+    return "gather" if num_devices <= GATHER_MAX_DEVICES else "reduce"
+
+
+def combine_across(local: Moments, axis_name: collectives.AxisName, groups: collectives.Groups,
+                   *, shift: jax.Array | None = None, method: str | None = None) -> Moments:
+    """Combines per-device moments over the named devices; returns the global moments.
+
+    Args:
+      local: this device's :class:`jaxbn.moments.Moments`, in broadcast shape. ``count`` is
+        a Python int when every device holds the same static number of elements.
+      axis_name: the bound axis name(s) to combine over.
+      groups: normalized ``axis_index_groups`` (``collectives.normalize_groups``) or None.
+      shift: optional per-feature value, broadcastable to ``m0``, that every device of a
+        group holds bit for bit (the running mean of a synchronized layer). Used only by the
+        all-reduce methods; a good one (near the batch mean) avoids the second round. Under
+        ``shard_map`` a shift typed as varying over ``axis_name`` is ignored (zero is used).
+      method: ``"gather"``, ``"reduce"``, ``"two_rounds"``, or None for
+        :func:`choose_method` on the static group size.
+
+    Returns:
+      Global :class:`~jaxbn.moments.Moments`: the count (a Python int when static), ``m0`` and
+      ``corr`` with ``m0 + corr`` the global mean, and ``m2`` the global sum of squared
+      deviations, identical on every device of a group.
+    """
+    size = group_size(axis_name, groups)
+    method = choose_method(size) if method is None else method
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or None, got {method!r}")
+    if method == "gather":
+        return moments.combine_across(local, axis_name, groups)
+    return _reduced(local, axis_name, groups, shift, size, always_two=method == "two_rounds")
+
+
+def _agreed_shift(shift, like: jax.Array, names) -> jax.Array:
+    zero = jnp.zeros(like.shape, like.dtype)  # a constant: the same (invariant) everywhere
+    if shift is None:
+        return zero
+    shift = jnp.broadcast_to(jnp.asarray(shift, like.dtype), like.shape)
+    if set(names) & collectives.varying_axes(shift):
+        return zero  # not provably the same on every device: do not trust it
+    return moments.opaque(shift)  # every use below must see the same rounded value
+
+
+def second_round_needed(s1: jax.Array, s2: jax.Array, total: jax.Array | int) -> jax.Array:
+    """Whether sums about a shift ``K`` lose too much: ``r = (mean - K)**2 / var`` exceeds
+    :data:`RATIO_LIMIT` for some feature, or a sum is not finite. A scalar bool.
+
+    ``s1 = sum(x - K)``, ``s2 = sum((x - K)**2)``, ``total`` the count. Fed only all-reduced
+    values, it is bitwise the same on every device.
+
+    Example:
+      >>> second_round_needed(jnp.array([4.0]), jnp.array([20.0]), 4).item()  # r = 1 / 4
+      False
+      >>> second_round_needed(jnp.array([40.0]), jnp.array([404.0]), 4).item()  # r = 100
+      True
+    """
+    mean_sq = jnp.square(safe_div(s1, total))
+    # r <= limit  <=>  mean_sq * (1 + limit) <= limit * s2 / N; NaN compares False, and an
+    # overflowed s2 (offsets near sqrt(max float) about a cold shift) also asks for a round.
+    fine = (mean_sq * (1 + RATIO_LIMIT) <= RATIO_LIMIT * safe_div(s2, total)) & jnp.isfinite(s2)
+    return jnp.logical_not(jnp.all(fine))
+
+
+def _shifted_sums(local, k):
+    """This device's ``sum(x - k)`` and ``sum((x - k)**2)`` from its unrounded moments."""
+    count, m0, corr, m2 = local
+    delta = (m0 - k) + corr
+    s1 = count * delta
+    s2 = m2 + s1 * delta
+    if not isinstance(count, int):  # empty device: m0 = 0 may be far from k
+        s1 = jnp.where(count > 0, s1, 0)
+        s2 = jnp.where(count > 0, s2, 0)
+    return s1, s2
+
+
+def _reduced(local, axis_name, groups, shift, size, *, always_two):
+    count = local.count
+    k = _agreed_shift(shift, local.m0, collectives.names_of(axis_name))
+    s1, s2 = _shifted_sums(local, k)
+    if isinstance(count, int):
+        s1, s2 = collectives.sum_over((s1, s2), axis_name, groups)
+        total: Any = count * size
+    else:
+        s1, s2, total = collectives.sum_over((s1, s2, count), axis_name, groups)
+
+    def second_round(_):
+        # Within rounding of the mean: no cancellation left. Opaque, so that XLA cannot fuse
+        # the unrounded quotient into one use of k2 and the rounded one into another.
+        k2 = moments.opaque(k + safe_div(s1, total))
+        t1, t2 = collectives.sum_over(_shifted_sums(local, k2), axis_name, groups)
+        return k2, t1, t2
+
+    if always_two:
+        k, s1, s2 = second_round(None)
+    else:
+        k, s1, s2 = lax.cond(second_round_needed(s1, s2, total), second_round,
+                             lambda _: (k, s1, s2), None)
+    corr = safe_div(s1, total)
+    m2 = jnp.maximum(s2 - s1 * corr, 0)
+    if not isinstance(total, int):  # an empty feature's mean is 0, as on one device
+        k = jnp.where(total > 0, k, 0)
+    return Moments(total, k, corr, m2)

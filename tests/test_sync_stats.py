@@ -1,0 +1,353 @@
+"""Cross-device moments (jaxbn.sync_stats) on 8 fake CPU devices against float64 NumPy.
+
+Every method (all-gather, all-reduce about a shared shift with a conditional second round,
+always two rounds) must give the moments of the concatenated data: uneven and empty devices,
+masks, axis_index_groups, nested names, vmap / pmap / shard_map, large offsets, a cold (zero)
+and a warm shift. Also: the precision against one device, and the collectives in compiled HLO
+with their payload bytes.
+"""
+
+import inspect
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn import moments, normalize, sync_stats
+from jaxbn.layout import make_layout
+
+D = 8
+METHODS = ("gather", "reduce", "two_rounds")
+# (offset, spread, per-device offset spread in units of spread)
+CASES = {"1e4+N(0,1) per-device offsets": (1e4, 1.0, 1.0), "1e3+0.01N(0,1)": (1e3, 0.01, 0.0),
+         "1e4+0.01N(0,1)": (1e4, 0.01, 0.0), "N(0,1)": (0.0, 1.0, 0.0)}
+
+
+def _data(case, n=6, f=5, seed=0, devices=D):
+    offset, spread, per_device = CASES[case]
+    rng = np.random.default_rng(seed)
+    x = offset + spread * (rng.normal(size=(devices, n, f))
+                           + per_device * rng.normal(size=(devices, 1, f)))
+    return x.astype(np.float32)
+
+
+def _reference(x, mask=None):
+    """float64 mean, biased variance and count over every device's valid rows, per feature."""
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    w = np.ones_like(x) if mask is None else np.broadcast_to(
+        np.asarray(mask).reshape(-1, np.asarray(mask).shape[-1]), x.shape).astype(np.float64)
+    n = w.sum(0)
+    x = np.where(w > 0, x, 0)  # padding may hold NaN
+    mean = (w * x).sum(0) / np.maximum(n, 1)
+    var = (w * (x - mean) ** 2).sum(0) / np.maximum(n, 1)
+    return mean, var, n
+
+
+def _stats(x, mask, axis_name, groups=None, shift=None, method=None):
+    """Per-device: local moments, combined; the mean's two floats and M2 / count."""
+    m = moments.local_moments(x, mask, make_layout(x.shape, -1))
+    g = sync_stats.combine_across(m, axis_name, groups, shift=shift, method=method)
+    count = jnp.broadcast_to(jnp.asarray(g.count, g.m0.dtype), g.m0.shape)
+    return g.m0, g.corr, moments.safe_div(g.m2, g.count), count
+
+
+def _check(out, x, mask=None, var_rtol=1e-6):
+    """Every device holds the reference statistics; the mean to ~1e-6 of the spread."""
+    m0, corr, var, count = (np.asarray(a, np.float64).reshape(-1, x.shape[-1]) for a in out)
+    mean_ref, var_ref, n_ref = _reference(x, mask)
+    mean = m0 + corr  # in float64: the two floats are the mean, nothing rounded
+    scale = np.sqrt(np.maximum(var_ref, 1e-30))
+    for d in range(mean.shape[0]):
+        np.testing.assert_array_equal(count[d], n_ref)
+        np.testing.assert_allclose((mean[d] - mean_ref) / scale, 0, atol=1e-6)
+        np.testing.assert_allclose(var[d], var_ref, rtol=var_rtol, atol=1e-30)
+
+
+def _vmapped(x, mask=None, **kw):
+    if mask is None:
+        return jax.jit(jax.vmap(lambda x: _stats(x, None, "d", **kw), axis_name="d"))(x)
+    return jax.jit(jax.vmap(lambda x, m: _stats(x, m, "d", **kw), axis_name="d"))(x, mask)
+
+
+def _shifts(x):
+    """A cold shift (zero-initialized running mean) and a warm one (a nearby batch's mean)."""
+    mean_ref, var_ref, _ = _reference(x)
+    warm = (mean_ref + 0.3 * np.sqrt(var_ref)).astype(np.float32)
+    return {"cold": None, "zero": np.zeros_like(warm), "warm": warm}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("shift", ["cold", "zero", "warm"])
+def test_exact_against_float64(method, case, shift):
+    x = _data(case, seed=list(CASES).index(case) + 10 * len(shift))
+    out = _vmapped(x, shift=_shifts(x)[shift], method=method)
+    _check(out, x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_uneven_empty_devices_and_per_feature_masks(method):
+    x = _data("1e4+N(0,1) per-device offsets", n=6, f=4, seed=1)
+    rng = np.random.default_rng(2)
+    mask = rng.random(x.shape) < 0.5
+    mask[3] = False  # an empty device
+    mask[5] = True  # a full one
+    mask[:, :, 2] = False  # a feature with no valid element anywhere
+    mask[:, :, 3] = False
+    mask[6, 0, 3] = True  # a feature with one valid element in total
+    x[~mask] = np.nan  # padding holds anything
+    out = _vmapped(x, mask, shift=_shifts(np.where(mask, x, 1e4))["warm"], method=method)
+    assert np.all(np.isfinite(np.asarray(out[0]))) and np.all(np.isfinite(np.asarray(out[2])))
+    valid = [0, 1]
+    _check([np.asarray(a)[..., valid] for a in out], x[..., valid], mask[..., valid])
+    m0, corr, var, count = (np.asarray(a)[..., 2:] for a in out)
+    np.testing.assert_array_equal(count[..., 0], 0)  # empty feature: count 0, mean 0, var 0
+    np.testing.assert_array_equal((m0 + corr)[..., 0], 0)
+    np.testing.assert_array_equal(var, 0)
+    np.testing.assert_array_equal(count[..., 1], 1)
+    np.testing.assert_array_equal((m0 + corr)[..., 1], x[6, 0, 3])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row_mask_with_an_empty_device_under_pmap(method):
+    x = _data("1e3+0.01N(0,1)", seed=3)
+    mask = np.random.default_rng(4).random((D, x.shape[1], 1)) < 0.6
+    mask[0] = False  # the device with the most data decides nothing special
+    out = jax.pmap(lambda x, m: _stats(x, m, "d", method=method), axis_name="d")(x, mask)
+    _check(out, x, mask)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_axis_index_groups_under_pmap_one_group_takes_the_second_round(method):
+    """Group 0 has a large offset about a cold shift (second round), group 1 not: the
+    conditional is uniform within each group and nothing deadlocks."""
+    x = _data("N(0,1)", seed=5)
+    x[0::2] += 1e4
+    groups = ((0, 2, 4, 6), (1, 3, 5, 7))
+    out = jax.pmap(lambda x: _stats(x, None, "d", groups=groups, method=method),
+                   axis_name="d")(x)
+    for g in groups:
+        _check([np.asarray(a)[list(g)] for a in out], x[list(g)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nested_names_under_vmap(method):
+    x = _data("1e4+N(0,1) per-device offsets", seed=6)
+    f = jax.vmap(jax.vmap(lambda x: _stats(x, None, ("h", "d"), method=method),
+                          axis_name="d"), axis_name="h")
+    out = jax.jit(f)(x.reshape((2, 4) + x.shape[1:]))
+    _check([np.asarray(a).reshape((D,) + a.shape[2:]) for a in out], x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("names", [("d",), ("h", "d")])
+def test_shard_map_results_are_invariant(method, names):
+    """Under shard_map (check_vma on) the statistics leave with a replicated P() spec."""
+    x = _data("1e4+N(0,1) per-device offsets", seed=7)
+    mesh = jax.make_mesh((D,), ("d",)) if names == ("d",) else jax.make_mesh((2, 4), ("h", "d"))
+    spec = P(names if len(names) > 1 else names[0])
+    xs = jax.device_put(x.reshape(-1, x.shape[-1]), NamedSharding(mesh, spec))
+    shift = _shifts(x)["warm"][None]
+    fn = jax.jit(jax.shard_map(
+        lambda x: _stats(x, None, names if len(names) > 1 else names[0], shift=shift,
+                         method=method),
+        mesh=mesh, in_specs=spec, out_specs=P()))
+    with jax.set_mesh(mesh):
+        out = fn(xs)
+    _check(out, x)
+
+
+def test_shift_varying_over_the_devices_is_not_trusted():
+    """A per-device shift (not agreed) must not corrupt the sums: it is ignored."""
+    x = _data("N(0,1)", seed=8)
+    mesh = jax.make_mesh((D,), ("d",))
+    xs = jax.device_put(x.reshape(-1, x.shape[-1]), NamedSharding(mesh, P("d")))
+    shifts = jax.device_put(np.arange(D * x.shape[-1], dtype=np.float32).reshape(D, -1),
+                            NamedSharding(mesh, P("d")))
+    fn = jax.jit(jax.shard_map(lambda x, k: _stats(x, None, "d", shift=k, method="reduce"),
+                               mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
+    with jax.set_mesh(mesh):
+        out = fn(xs, shifts)
+    _check(out, x)
+
+
+def test_second_round_predicate_against_closed_form():
+    limit = sync_stats.RATIO_LIMIT
+    var, n = 2.0, 10
+    for r in (0.0, 0.5 * limit, 0.99 * limit, 1.01 * limit, 10 * limit):
+        d = np.sqrt(r * var)  # mean - K
+        s1, s2 = np.float32([n * d]), np.float32([n * (var + d * d)])
+        assert bool(sync_stats.second_round_needed(s1, s2, n)) == (r > limit), r
+    assert bool(sync_stats.second_round_needed(np.float32([np.nan]), np.float32([1.0]), n))
+    assert bool(sync_stats.second_round_needed(np.float32([np.inf]), np.float32([np.inf]), n))
+    assert not bool(sync_stats.second_round_needed(np.zeros(3, np.float32),
+                                                   np.zeros(3, np.float32), 0))
+
+
+def test_second_round_is_what_saves_a_cold_shift(monkeypatch):
+    """Without the second round a zero shift at offset 1e4 loses the variance entirely."""
+    x = _data("1e4+N(0,1) per-device offsets", seed=9)
+    _check(_vmapped(x, method="reduce"), x)
+    monkeypatch.setattr(sync_stats, "RATIO_LIMIT", np.inf)
+    var = np.asarray(_vmapped(x, method="reduce")[2], np.float64)[0]
+    _, var_ref, _ = _reference(x)
+    assert np.median(np.abs(var - var_ref) / var_ref) > 1e-2
+
+
+def test_method_follows_the_static_device_count(monkeypatch):
+    assert sync_stats.choose_method(sync_stats.GATHER_MAX_DEVICES) == "gather"
+    assert sync_stats.choose_method(sync_stats.GATHER_MAX_DEVICES + 1) == "reduce"
+    x = _data("N(0,1)")
+    def f():  # a fresh function each time: the method is chosen when tracing
+        return jax.pmap(lambda x: _stats(x, None, "d"), axis_name="d")
+
+    assert _ops(_hlo(f(), x)) == [("all-gather", False)]
+    monkeypatch.setattr(sync_stats, "GATHER_MAX_DEVICES", 4)
+    assert sorted(_ops(_hlo(f(), x))) == [("all-reduce", False), ("all-reduce", True)]
+    with pytest.raises(ValueError, match="method must be one of"):
+        jax.vmap(lambda x: _stats(x, None, "d", method="psum"), axis_name="d")(x)
+
+
+# ---- Precision against one device (issue 12 item 7): 8 devices x 32 rows -------------------
+
+def _median_var_error(var, x):
+    _, var_ref, _ = _reference(x)
+    return float(np.median(np.abs(np.asarray(var, np.float64) - var_ref) / var_ref))
+
+
+@pytest.mark.parametrize("case", ["1e4+N(0,1) per-device offsets", "1e3+0.01N(0,1)",
+                                  "1e4+0.01N(0,1)"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shift", ["cold", "warm"])
+def test_precision_within_10x_of_one_device(case, method, shift):
+    x = _data(case, n=32, f=256, seed=11)
+    one = jax.jit(lambda x: moments.batch_moments(x, None, make_layout(x.shape, -1))[1])(
+        x.reshape(-1, x.shape[-1]))
+    synced = _vmapped(x, shift=_shifts(x)[shift], method=method)[2][0]
+    err_one, err_synced = _median_var_error(one.ravel(), x), _median_var_error(synced.ravel(), x)
+    assert err_synced <= 10 * max(err_one, 1e-8), (err_synced, err_one)
+
+
+# ---- Collectives in compiled HLO and their payloads ----------------------------------------
+
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def hlo_collectives(text: str) -> list[tuple[str, int, bool]]:
+    """``(opcode, result bytes, inside a conditional branch)`` for each collective in HLO text.
+
+    The result bytes are what each device receives (all-gather: every device's part)."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    branch: set[str] = set()
+    for lines in comps.values():
+        for line in lines:
+            if " conditional(" in line:
+                found = re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", line)
+                listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+                if listed:
+                    found += [c.strip().lstrip("%") for c in listed.group(1).split(",")]
+                branch.update(found)
+    todo = list(branch)
+    while todo:  # computations called from a branch are inside it too
+        for line in comps.get(todo.pop(), []):
+            for callee in re.findall(r"%([\w.\-]+)", line):
+                if callee in comps and callee not in branch:
+                    branch.add(callee)
+                    todo.append(callee)
+    out = []
+    for cname, lines in comps.items():
+        for line in lines:
+            hit = _COLLECTIVE.search(line)
+            if hit:
+                size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                           for t, dims in _ARRAY.findall(hit.group(1)))
+                out.append((hit.group(2), size, cname in branch))
+    return out
+
+
+def _hlo(fn, *args):
+    return fn.lower(*args).compile().as_text()
+
+
+def _ops(text):
+    return [(op, cond) for op, _, cond in hlo_collectives(text)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_payload_bytes_at_8_devices(masked):
+    """gather: (3F [+F]) x D floats to each device; reduce: 2F [+ counts] floats, any D."""
+    f = 1024
+    x = _data("N(0,1)", n=4, f=f)
+    mask = np.ones((D, 4, 1), bool) if masked else None
+
+    def run(method, devices):
+        fn = jax.pmap(lambda x, m: _stats(x, m, "d", method=method), axis_name="d",
+                      devices=jax.devices()[:devices])
+        m = None if mask is None else mask[:devices]
+        return hlo_collectives(_hlo(fn, x[:devices], m))
+
+    extra = 1 if masked else 0  # the row mask's count: one float per device
+    assert run("gather", D) == [("all-gather", (3 * f + extra * f) * D * 4, False)]
+    reduce8 = sorted(run("reduce", D))
+    assert reduce8 == sorted([("all-reduce", 2 * f * 4, True),
+                              ("all-reduce", (2 * f + extra) * 4, False)])
+    assert sorted(run("reduce", 4)) == reduce8  # independent of the device count
+    # Always two rounds: the first needs only sum(x - K) (XLA drops the unused squares).
+    assert sorted(run("two_rounds", D)) == sorted([("all-reduce", (f + extra) * 4, False),
+                                                   ("all-reduce", 2 * f * 4, False)])
+
+
+def test_hlo_collectives_reads_tuple_shapes_and_branches():
+    text = """HloModule m
+
+%branch_true (p: f32[4]) -> (f32[4]) {
+  %ar = f32[4]{0} all-reduce(f32[4]{0} %p), replica_groups={}, to_apply=%add
+}
+
+ENTRY %main (a: f32[2,3], b: s32[]) -> f32[4] {
+  %t = (f32[2,3]{1,0}, f32[1]{0}) all-reduce(f32[2,3]{1,0} %a, f32[1]{0} %c), to_apply=%add
+  %g = f32[8,3]{1,0} all-gather(f32[1,3]{1,0} %d), dimensions={0}
+  %c = (f32[4]) conditional(pred[] %p, f32[4] %x, f32[4] %y), true_computation=%branch_true, \
+false_computation=%branch_false
+}
+"""
+    assert hlo_collectives(text) == [("all-reduce", 16, True), ("all-reduce", 28, False),
+                                     ("all-gather", 96, False)]
+
+
+def test_bn_apply_counts_when_wired(monkeypatch):
+    """Once jaxbn.normalize calls sync_stats: with the all-reduce method forced on 8 devices,
+    1 unconditional collective forward and 2 forward+backward (plus the conditional one)."""
+    if "sync_stats" not in inspect.getsource(normalize):
+        pytest.skip("jaxbn.normalize does not call sync_stats yet")
+    monkeypatch.setattr(sync_stats, "GATHER_MAX_DEVICES", 0)
+    params, state = jaxbn.bn_init(3)
+    x = jnp.asarray(_data("N(0,1)", n=4, f=3))
+
+    def fwd(x):
+        return jaxbn.bn_apply(params, state, x, True, axis_name="d")[0]
+
+    def fwd_bwd(x):
+        return jax.grad(lambda x: jnp.sum(jnp.sin(fwd(x))))(x)
+
+    assert sorted(_ops(_hlo(jax.pmap(fwd, axis_name="d"), x))) == [("all-reduce", False),
+                                                                   ("all-reduce", True)]
+    ops = _ops(_hlo(jax.pmap(fwd_bwd, axis_name="d"), x))
+    assert sorted(ops) == [("all-reduce", False)] * 2 + [("all-reduce", True)]
