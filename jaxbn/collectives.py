@@ -127,20 +127,3 @@ def mean_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Arra
         if groups is not None:
             raise _grouped_error(err) from None
         raise
-
-
-def param_sum_names(x: jax.Array, param: jax.Array | None,
-                    axis_name: AxisName) -> tuple[Hashable, ...]:
-    """The named axes over which a parameter's gradient must be summed inside the layer.
-
-    Under shard_map with check_vma, a parameter replicated over axes along which ``x`` varies
-    receives (from JAX's own autodiff) the gradient summed over those devices. The custom
-    backward reproduces that: it returns already-summed sums for those names. Under pmap and
-    vmap (and shard_map without check_vma) nothing is summed: the gradient is per replica and
-    JAX itself sums it for inputs that were not mapped.
-    """
-    if param is None or axis_name is None:
-        return ()
-    px = varying_axes(x)
-    pp = varying_axes(param)
-    return tuple(n for n in names_of(axis_name) if n in px and n not in pp)

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import checks, collectives, moments, running
+from jaxbn import checks, collectives, ghost, moments, running
 from jaxbn.layout import Axis, Layout, as_features, make_layout
-from jaxbn.normalize import Renorm, TrainConfig, eval_normalize, train_normalize
+from jaxbn.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 
 Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
@@ -66,20 +66,6 @@ def _as_broadcast(value, layout: Layout, lead: int = 0):
     if value is None:
         return None
     return value.reshape((1,) * lead + layout.broadcast_shape)
-
-
-def _virtual_batches(x, mask, layout: Layout, size: int):
-    """Splits axis 0 into groups of ``size``; the group index becomes one more feature axis."""
-    groups = x.shape[0] // size
-    xv = x.reshape((groups, size) + x.shape[1:])
-    vlayout = make_layout(xv.shape, (0,) + tuple(a + 1 for a in layout.feature_axes))
-    if mask is not None:
-        mask = mask.reshape((1,) * (x.ndim - mask.ndim) + tuple(mask.shape))
-        if mask.shape[0] == 1:
-            mask = mask.reshape((1, 1) + mask.shape[1:])
-        else:
-            mask = mask.reshape((groups, size) + mask.shape[1:])
-    return xv, mask, vlayout
 
 
 def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: Axis = -1,
@@ -167,31 +153,30 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
     checks.check_enough_elements(layout, mask, devices, virtual_batch_size, allow_single_value)
 
     work_x, work_mask, work_layout, lead = x, mask, layout, 0
-    if virtual_batch_size is not None:
-        work_x, work_mask, work_layout = _virtual_batches(x, mask, layout, virtual_batch_size)
-        lead = 1
+    stats_axis_name = axis_name
+    if virtual_batch_size is not None:  # ghost batches: each device's own groups
+        work_x, work_mask, work_layout = ghost.split(x, mask, layout, virtual_batch_size)
+        lead, stats_axis_name = 1, None
     scale_b, bias_b = _as_broadcast(scale, layout, lead), _as_broadcast(bias, layout, lead)
+    dt = moments.stats_dtype(x.dtype)
+    running_mean = _as_broadcast(state["mean"], layout, lead).astype(dt)
+    running_var = _as_broadcast(state["var"], layout, lead).astype(dt)
     rn = None
     if renorm is not None:
-        dt = jnp.promote_types(x.dtype, jnp.float32)
-        rn = Renorm(_as_broadcast(state["mean"], layout, lead).astype(dt),
-                    _as_broadcast(state["var"], layout, lead).astype(dt),
-                    jnp.asarray(renorm[0], dt), jnp.asarray(renorm[1], dt))
-    cfg = TrainConfig(work_layout, axis_name, groups, float(epsilon),
-                      collectives.param_sum_names(x, scale, axis_name),
-                      collectives.param_sum_names(x, bias, axis_name))
-    y, mean, var, count = train_normalize(cfg, work_x, work_mask, scale_b, bias_b, rn)
-    y = y.reshape(x.shape)
+        rn = Renorm(running_mean, running_var, jnp.asarray(renorm[0], dt),
+                    jnp.asarray(renorm[1], dt))
+    fallback = None if mask is None else Fallback(running_mean, running_var)
+    cfg = TrainConfig(work_layout, stats_axis_name, groups, float(epsilon))
+    y, mean, var, count = train_normalize(cfg, work_x, work_mask, scale_b, bias_b, rn, fallback)
+    y = ghost.merge(y, x) if lead else y
 
     mean, var, count = (jnp.broadcast_to(lax.stop_gradient(v), work_layout.broadcast_shape)
                         .reshape(work_layout.feature_shape) for v in (mean, var, count))
     if unbiased_running_var and "seen" not in state:  # precise mode: once, in _update_state
         var = running.unbiased(var, count)
-    if lead and "seen" in state:  # precise mode wants the whole batch's statistics
-        between = jnp.mean(jnp.square(mean - mean.mean(0)), axis=0)
-        mean, var, count = mean.mean(0), var.mean(0) + between, count.sum(0)
-    elif lead:
-        mean, var, count = mean.mean(0), var.mean(0), count.sum(0)
+    if lead:
+        mean, var, count = ghost.pool(mean, var, count, exact="seen" in state,
+                                      axis_name=axis_name, groups=groups)
     return y, _update_state(state, mean, var, count, momentum, skip_nonfinite,
                             unbiased_running_var)
 

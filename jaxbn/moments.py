@@ -1,13 +1,10 @@
-"""Batch moments: local (count, mean, M2) with masks, and their exact cross-device combination.
+"""Batch moments: local (count, m0, corr, M2) with masks, and their cross-device combination.
 
 The local moments use the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first
 pass for a provisional mean ``m0``, a second pass that sums ``d = x - m0`` and ``d**2``. The
-result is accurate when the mean dwarfs the spread (where ``E[x^2] - E[x]^2`` fails), and the
-correction term ``sum(d)**2 / n`` repairs any rounding in ``m0``.
-
-Devices are combined with Chan et al.'s parallel rule, weighted by counts, from ONE all-gather
-of the per-device ``(count, mean, M2)``: exact for uneven and empty devices, and stable because
-no large sums are subtracted.
+mean is carried as two floats, ``m0 + corr`` with ``corr = sum(d) / n``: accurate when the mean
+dwarfs the spread (where ``E[x^2] - E[x]^2`` fails), and exact enough that ``(x - m0) - corr``
+normalizes without the rounding error of ``m0 + corr``.
 
 Example:
   >>> import jax.numpy as jnp
@@ -26,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxbn import collectives
 from jaxbn.layout import Layout
@@ -34,13 +32,20 @@ from jaxbn.layout import Layout
 class Moments(NamedTuple):
     """Per-feature moments in broadcast (keepdims) shape, in the statistics dtype.
 
-    ``count`` is a Python int when no mask is given (every device holds the same static number
-    of elements), else an array broadcastable to ``mean``.
+    The mean is ``m0 + corr`` (two floats: ``m0`` a provisional mean, ``corr`` its small
+    correction); ``m2`` is the sum of squared deviations about that mean. ``count`` is a Python
+    int when no mask is given (every device holds the same static number of elements), else an
+    array broadcastable to ``m0``.
     """
 
     count: jax.Array | int
-    mean: jax.Array
+    m0: jax.Array
+    corr: jax.Array
     m2: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.m0 + self.corr
 
 
 def stats_dtype(dtype) -> jnp.dtype:
@@ -48,76 +53,107 @@ def stats_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _safe_div(num: jax.Array, den: jax.Array | int) -> jax.Array:
+def safe_div(num: jax.Array, den: jax.Array | int) -> jax.Array:
+    """``num / den`` with an empty count (0) treated as 1, so empty batches give 0, not NaN."""
     if isinstance(den, int):
         return num / max(den, 1)
     return num / jnp.maximum(den, 1)
 
 
+def as_rank(mask: jax.Array, ndim: int) -> jax.Array:
+    """``mask`` with leading 1-axes added up to ``ndim`` (explicit, so rank promotion is off)."""
+    return mask.reshape((1,) * (ndim - mask.ndim) + tuple(mask.shape))
+
+
 def masked_count(mask: jax.Array, layout: Layout, dtype) -> jax.Array:
     """Number of ``True`` elements per feature, without broadcasting ``mask`` to ``x``'s size."""
-    ndim = len(layout.shape)
-    mshape = (1,) * (ndim - mask.ndim) + tuple(mask.shape)
-    m = mask.reshape(mshape)
+    m = as_rank(mask, len(layout.shape))
     counted = jnp.sum(m, axis=layout.reduce_axes, keepdims=True, dtype=dtype)
     repeat = 1
     for a in layout.reduce_axes:
-        if mshape[a] == 1:
+        if m.shape[a] == 1:
             repeat *= layout.shape[a]
     return counted * repeat
 
 
+def opaque(m0: jax.Array) -> jax.Array:
+    """``m0`` rounded to a float that XLA cannot re-derive from the sum that produced it.
+
+    XLA:CPU rewrites ``sum / n`` as ``sum * (1/n)`` and fuses the product into ``x - m0``, where
+    LLVM contracts it into a fused multiply-add: the deviations are then taken about the
+    unrounded product and ``corr`` no longer corrects ``m0``. An integer round trip that clears
+    the lowest mantissa bit (a change of at most one ulp, which ``corr`` absorbs) cannot be
+    folded away, so every later use sees the same rounded ``m0``. ``m0`` carries no gradient:
+    the mean ``m0 + corr`` and ``M2`` do not depend on the choice of ``m0``.
+    """
+    m0 = lax.stop_gradient(m0)
+    itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[m0.dtype.itemsize]
+    bits = lax.bitcast_convert_type(m0, itype)
+    return lax.bitcast_convert_type(bits & jnp.asarray(-2, itype), m0.dtype)
+
+
 def local_moments(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Moments:
-    """This device's moments of ``x`` over the reduced axes, counting only ``mask``'s elements."""
+    """This device's moments of ``x`` over the reduced axes, counting only ``mask``'s elements.
+
+    Masked-out elements never enter an arithmetic operation (they are selected away first), so
+    padding may hold anything, NaN and infinities included.
+    """
     dt = stats_dtype(x.dtype)
     axes = layout.reduce_axes
     xs = x.astype(dt)
+    n: jax.Array | int
     if mask is None:
         n = layout.local_count
-        m0 = jnp.sum(xs, axis=axes, keepdims=True) / max(n, 1)
+        m0 = opaque(jnp.sum(xs, axis=axes, keepdims=True) / max(n, 1))
         d = xs - m0
     else:
+        mask = as_rank(mask, x.ndim)
         n = masked_count(mask, layout, dt)
-        m0 = _safe_div(jnp.sum(jnp.where(mask, xs, 0), axis=axes, keepdims=True), n)
+        m0 = opaque(safe_div(jnp.sum(jnp.where(mask, xs, 0), axis=axes, keepdims=True), n))
         d = jnp.where(mask, xs - m0, 0)
     s1 = jnp.sum(d, axis=axes, keepdims=True)
     s2 = jnp.sum(d * d, axis=axes, keepdims=True)
-    corr = _safe_div(s1, n)
-    mean = m0 + corr
+    corr = safe_div(s1, n)
     m2 = jnp.maximum(s2 - s1 * corr, 0)
-    return Moments(n, mean, m2)
+    return Moments(n, m0, corr, m2)
+
+
+def pool(counts: jax.Array, m0s: jax.Array, corrs: jax.Array, m2s: jax.Array) -> Moments:
+    """Pools moments stacked on axis 0 into one, count-weighted (Chan's parallel rule).
+
+    Works on differences of the provisional means about the one with the most data, so a
+    common offset cancels before any rounding.
+    """
+    total = jnp.sum(counts, axis=0)
+    ref = jnp.take_along_axis(m0s, jnp.argmax(counts, axis=0)[None], axis=0)
+    offsets = (m0s - ref) + corrs  # each part's mean minus ref
+    corr = safe_div(jnp.sum(counts * offsets, axis=0), total)
+    dev = offsets - corr[None]
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
+    return Moments(total, ref[0], corr, m2)
 
 
 def combine_across(local: Moments, axis_name, groups) -> Moments:
-    """Combines per-device moments over the named devices with one all-gather (Chan's rule)."""
-    dt = local.mean.dtype
-    with_count = not isinstance(local.count, int)
-    parts = [local.mean, local.m2]
-    if with_count:
-        parts.append(jnp.broadcast_to(local.count, local.mean.shape).astype(dt))
+    """Combines per-device moments over the named devices with one all-gather (Chan's rule).
+
+    Each device's mean travels as its two floats (``m0``, ``corr``).
+    """
+    parts = [local.m0, local.corr, local.m2]
+    static = isinstance(local.count, int)  # the same on every device: nothing to send
+    if not static:
+        parts.append(jnp.broadcast_to(local.count, local.m0.shape).astype(local.m0.dtype))
     gathered = collectives.gather_stacked(jnp.stack(parts), axis_name, groups)
-    means, m2s = gathered[:, 0], gathered[:, 1]
-    if with_count:
-        counts = gathered[:, 2]
-        total = jnp.sum(counts, axis=0)
-        # Shift by the mean of a device that has data: keeps the weighted sum small.
-        ref = jnp.take_along_axis(means, jnp.argmax(counts, axis=0)[None], axis=0)[0]
-        mean = ref + _safe_div(jnp.sum(counts * (means - ref), axis=0), total)
-        dev = means - mean
-        m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
-        return Moments(total, mean, m2)
-    num = gathered.shape[0]
-    ref = means[0]
-    mean = ref + jnp.mean(means - ref, axis=0)
-    dev = means - mean
-    m2 = jnp.sum(m2s, axis=0) + local.count * jnp.sum(dev * dev, axis=0)
-    return Moments(local.count * num, mean, m2)
+    counts = jnp.full_like(gathered[:, 0], local.count) if static else gathered[:, 3]
+    pooled = pool(counts, gathered[:, 0], gathered[:, 1], gathered[:, 2])
+    if static:
+        return pooled._replace(count=local.count * gathered.shape[0])
+    return pooled
 
 
 def finalize(m: Moments) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns ``(mean, biased variance, count)``; an empty batch gives mean 0 and variance 0."""
-    count = jnp.asarray(m.count, m.mean.dtype)
-    return m.mean, _safe_div(m.m2, m.count), count
+    count = jnp.asarray(m.count, m.m0.dtype)
+    return m.mean, safe_div(m.m2, m.count), count
 
 
 def batch_moments(x, mask, layout, axis_name=None, groups=None):

@@ -1,22 +1,34 @@
-"""The normalize step: training mode with a closed-form custom VJP, and inference mode.
+"""The normalize step: training mode with a closed-form custom JVP, and inference mode.
 
-Training mode computes the batch statistics (one all-gather when synchronized), normalizes,
-and applies the affine transform in one custom-VJP function. Its backward pass is the closed
-form of the BatchNorm gradient:
+Training mode computes the batch statistics (one collective when synchronized), normalizes,
+and applies the affine transform in one ``jax.custom_jvp`` function. Its tangent rule is the
+closed-form linearization of BatchNorm. With ``xhat = ((x - m0) - corr) / sigma``, ``A = scale
+* r / sigma`` (``r = 1`` without renorm) and the sums ``t0 = sum(w * dx)``, ``t1 = sum(w * xhat
+* dx)`` over every element of every named device (``w`` the mask, ``N`` the global count):
 
-  dx = scale * r / sigma * (dy - w * (sum(dy) + xhat * sum(dy * xhat)) / N)
+  dy = A * dx + (dbias + d * dscale) + xhat * (r * dscale) - A * (t0 + xhat * t1) / N
 
-where ``w`` is the mask, ``N`` the global count and the two sums run over every element on
-every named device: ONE all-reduce of the stacked sums. It saves only the input, the mask and
-per-feature vectors for the backward (``xhat`` is recomputed), i.e. 1x the input's bytes.
+Forward mode (``jvp``, ``jacfwd``, ``linearize``) uses it as it is; reverse mode is its
+transpose, which JAX derives. The rule is written so that the transpose is the classical
+closed-form backward: the per-feature coefficients are stacked and cast to "varying" once, so
+their transpose is ONE all-reduce of the stacked sums (which also yields the gradients of
+replicated parameters under ``shard_map``), and the rule runs under ``jax.checkpoint`` so that
+reverse mode saves only ``x``, the mask and per-feature vectors (1x the input's bytes).
+
+Masked-out elements are padding: they never enter the statistics (only valid elements are
+selected, before any arithmetic), and a non-finite value there never meets a zero cotangent in
+a product, so with a loss that ignores the padding, every output, statistic and gradient at
+valid elements equals the one computed without the padded elements, whatever they hold. A
+feature with no valid element is normalized with the running statistics it is given
+(``fallback``).
 
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jaxbn.layout import make_layout
   >>> from jaxbn.normalize import TrainConfig, train_normalize
   >>> x = jnp.arange(6.0).reshape(3, 2)
-  >>> cfg = TrainConfig(make_layout(x.shape, -1), None, None, 1e-5, (), ())
-  >>> y, mean, var, count = train_normalize(cfg, x, None, None, None, None)
+  >>> cfg = TrainConfig(make_layout(x.shape, -1), None, None, 1e-5)
+  >>> y, mean, var, count = train_normalize(cfg, x, None, None, None, None, None)
   >>> [round(v, 3) for v in y[:, 0].tolist()]
   [-1.225, 0.0, 1.225]
 """
@@ -41,8 +53,6 @@ class TrainConfig(NamedTuple):
     axis_name: Any
     groups: collectives.Groups
     epsilon: float
-    scale_sum_names: tuple  # named axes to sum the scale gradient over (see collectives)
-    bias_sum_names: tuple
 
 
 class Renorm(NamedTuple):
@@ -54,103 +64,137 @@ class Renorm(NamedTuple):
     d_max: jax.Array
 
 
-def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums ``t`` over the axes where ``shape`` has 1 and ``t`` does not."""
-    pairs = zip(t.shape, shape, strict=True)
-    axes = tuple(i for i, (a, b) in enumerate(pairs) if b == 1 and a != 1)
-    return jnp.sum(t, axis=axes, keepdims=True) if axes else t
+class Fallback(NamedTuple):
+    """Statistics for features with no valid element (running statistics, broadcast shape)."""
+
+    mean: jax.Array
+    var: jax.Array
 
 
-def _renorm_correction(mean, invstd, rn: Renorm, eps):
-    sigma = jnp.sqrt(rn.running_var + eps)
-    r = jnp.clip((1.0 / invstd) / sigma, 1.0 / rn.r_max, rn.r_max)
-    d = jnp.clip((mean - rn.running_mean) / sigma, -rn.d_max, rn.d_max)
-    return lax.stop_gradient(r), lax.stop_gradient(d)
+class _Stats(NamedTuple):
+    """What the normalization of one batch needs, per feature (broadcast shape)."""
+
+    m0: jax.Array  # the mean used for x is m0 + corr (two floats)
+    corr: jax.Array
+    invstd: jax.Array
+    count: jax.Array | int
+    r: jax.Array | None  # renorm factors (constants), or None
+    d: jax.Array | None
 
 
-def _forward(cfg: TrainConfig, x, mask, scale, bias, renorm):
+def _statistics(cfg: TrainConfig, x, mask, renorm: Renorm | None, fallback: Fallback | None):
+    """Batch (mean, var, count) for the running update, and the normalization's _Stats."""
     m = moments.local_moments(x, mask, cfg.layout)
     if cfg.axis_name is not None:
         m = moments.combine_across(m, cfg.axis_name, cfg.groups)
     mean, var, count = moments.finalize(m)
-    dt = mean.dtype
-    invstd = lax.rsqrt(var + cfg.epsilon)
-    mult = invstd if scale is None else invstd * scale.astype(dt)
-    shift = jnp.zeros((), dt) if bias is None else bias.astype(dt)
+    m0, corr, norm_var = m.m0, m.corr, var
+    if fallback is not None and not isinstance(m.count, int):
+        empty = m.count == 0
+        m0 = jnp.where(empty, fallback.mean.astype(m0.dtype), m0)
+        corr = jnp.where(empty, 0, corr)
+        norm_var = jnp.where(empty, fallback.var.astype(var.dtype), var)
+    invstd = lax.rsqrt(norm_var + cfg.epsilon)
     r = d = None
     if renorm is not None:
-        r, d = _renorm_correction(mean, invstd, renorm, cfg.epsilon)
-        mult = mult * r
-        shift = shift + (d if scale is None else d * scale.astype(dt))
-    y = ((x.astype(dt) - mean) * mult + shift).astype(x.dtype)
-    residuals = (x, mask, mean, invstd, count, scale, bias, renorm, r, d)
-    return (y, mean, var, count), residuals
+        sigma = jnp.sqrt(renorm.running_var + cfg.epsilon)
+        r = jnp.clip(jnp.sqrt(norm_var + cfg.epsilon) / sigma, 1.0 / renorm.r_max, renorm.r_max)
+        d = jnp.clip((mean - renorm.running_mean) / sigma, -renorm.d_max, renorm.d_max)
+        r, d = lax.stop_gradient(r), lax.stop_gradient(d)
+    return (mean, var, count), _Stats(m0, corr, invstd, m.count, r, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train_normalize(cfg: TrainConfig, x, mask, scale, bias, renorm):
+def _affine(st: _Stats, scale, bias):
+    """Per-feature ``(mult, shift)`` with ``y = xhat * sigma * mult + shift``."""
+    dt = st.invstd.dtype
+    mult = st.invstd if scale is None else st.invstd * scale.astype(dt)
+    shift = jnp.zeros((), dt) if bias is None else bias.astype(dt)
+    if st.r is not None:
+        mult = mult * st.r
+        shift = shift + (st.d if scale is None else st.d * scale.astype(dt))
+    return mult, shift
+
+
+def _centred(x, st: _Stats):
+    """``x - mean`` in the statistics dtype, with the mean subtracted as its two floats."""
+    return (x.astype(st.invstd.dtype) - st.m0) - st.corr
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def train_normalize(cfg: TrainConfig, x, mask, scale, bias, renorm, fallback):
     """Batch-normalizes ``x`` with its (synchronized) batch statistics.
 
     Returns ``(y, mean, var, count)``: ``y`` in ``x.dtype``; ``mean``, biased ``var`` and the
-    global ``count`` per feature, in broadcast shape and the statistics dtype.
+    global ``count`` per feature, in broadcast shape and the statistics dtype. ``mask``,
+    ``renorm`` and ``fallback`` carry no derivative.
     """
-    return _forward(cfg, x, mask, scale, bias, renorm)[0]
+    (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
+    mult, shift = _affine(st, scale, bias)
+    y = (_centred(x, st) * mult + shift).astype(x.dtype)
+    return y, mean, var, count
 
 
-def _fwd(cfg, x, mask, scale, bias, renorm):
-    return _forward(cfg, x, mask, scale, bias, renorm)
+def _vary_like(value: jax.Array, target: jax.Array) -> jax.Array:
+    """Casts ``value`` to vary over the shard_map axes along which ``target`` varies and it
+    does not (one cast, so its transpose is one all-reduce)."""
+    names = tuple(sorted(collectives.varying_axes(target) - collectives.varying_axes(value),
+                         key=str))
+    return lax.pcast(value, names, to="varying") if names else value
 
 
-def _param_grad(local, total, sum_names, cfg, shape):
-    if sum_names and tuple(sum_names) == collectives.names_of(cfg.axis_name):
-        g = total
-    elif sum_names:
-        g = collectives.sum_over(local, tuple(sum_names), cfg.groups)
-    else:
-        g = local
-    return _sum_to_shape(g, shape)
-
-
-def _bwd(cfg, residuals, cotangents):
-    x, mask, mean, invstd, count, scale, bias, renorm, r, d = residuals
-    dy, dmean, dvar, _ = cotangents
-    dt = mean.dtype
+def _tangent(cfg: TrainConfig, x, mask, st: _Stats, scale, x_dot, scale_dot, bias_dot):
+    """The linear map (dx, dscale, dbias) -> (dy, dmean, dvar); see the module docstring."""
+    dt = st.invstd.dtype
     axes = cfg.layout.reduce_axes
-    g = dy.astype(dt)
-    xc = x.astype(dt) - mean
-    xhat = xc * invstd
-    local = jnp.stack([jnp.sum(g, axis=axes, keepdims=True),
-                       jnp.sum(g * xhat, axis=axes, keepdims=True)])
-    total = local if cfg.axis_name is None else collectives.sum_over(local, cfg.axis_name,
-                                                                      cfg.groups)
-    inv_n = 1.0 / jnp.maximum(count, 1)
-    mult = invstd if scale is None else invstd * scale.astype(dt)
-    if r is not None:
-        mult = mult * r
-    centred = total[0] * inv_n + xhat * (total[1] * inv_n)
-    stat_grad = (dmean + 2.0 * dvar * xc) * inv_n
-    if mask is None:
-        dx = mult * (g - centred) + stat_grad
-    else:
-        dx = mult * g - jnp.where(mask, mult * centred - stat_grad, 0)
-    dx = dx.astype(x.dtype)
+    xhat = _centred(x, st) * st.invstd
+    dx = x_dot.astype(dt)
+    dx_valid = dx
+    if mask is not None:
+        # Padding may hold anything: a non-finite xhat there is replaced by 0 so that a zero
+        # cotangent (a loss that ignores padding) times it stays 0 in the transpose.
+        mask = moments.as_rank(mask, x.ndim)
+        xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, 0)
+        dx_valid = jnp.where(mask, dx, 0)
+    local = jnp.stack([jnp.sum(dx_valid, axis=axes, keepdims=True),
+                       jnp.sum(xhat * dx_valid, axis=axes, keepdims=True)])
+    t = local if cfg.axis_name is None else collectives.sum_over(local, cfg.axis_name,
+                                                                  cfg.groups)
+    mult, _ = _affine(st, scale, None)
+    t = _vary_like(t, mult)
+    inv_n = moments.safe_div(jnp.ones((), dt), st.count)
+    stat = -(mult * inv_n)[None] * t  # the statistics' coefficients of 1 and xhat
+    const, slope = stat[0], stat[1]
+    if bias_dot is not None:
+        const = const + bias_dot.astype(dt)
+    if scale_dot is not None:
+        s_dot = scale_dot.astype(dt)
+        slope = slope + (s_dot if st.r is None else st.r * s_dot)
+        if st.d is not None:
+            const = const + st.d * s_dot
+    coef = _vary_like(jnp.stack([const, slope]), x)
+    dy = mult * dx + coef[0] + xhat * coef[1]
+    sigma = 1.0 / st.invstd
+    mean_dot = t[0] * inv_n
+    var_dot = 2.0 * sigma * t[1] * inv_n
+    return dy.astype(x.dtype), mean_dot, var_dot
 
-    dscale = dbias = None
-    if scale is not None:
-        s2_local, s2_total = local[1], total[1]
-        if r is not None:
-            s2_local = r * local[1] + d * local[0]
-            s2_total = r * total[1] + d * total[0]
-        dscale = _param_grad(s2_local, s2_total, cfg.scale_sum_names, cfg,
-                             scale.shape).astype(scale.dtype)
-    if bias is not None:
-        dbias = _param_grad(local[0], total[0], cfg.bias_sum_names, cfg,
-                            bias.shape).astype(bias.dtype)
-    drenorm = None if renorm is None else jax.tree.map(jnp.zeros_like, renorm)
-    return dx, None, dscale, dbias, drenorm
+
+_checkpointed_tangent = jax.checkpoint(_tangent, static_argnums=(0,))
 
 
-train_normalize.defvjp(_fwd, _bwd)
+@train_normalize.defjvp
+def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
+    x, mask, scale, bias, renorm, fallback = primals
+    x_dot, _, scale_dot, bias_dot, _, _ = tangents
+    (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
+    mult, shift = _affine(st, scale, bias)
+    y = (_centred(x, st) * mult + shift).astype(x.dtype)
+    dy, mean_dot, var_dot = _checkpointed_tangent(cfg, x, mask, st, scale, x_dot, scale_dot,
+                                                  bias_dot)
+    mean_dot = jnp.broadcast_to(mean_dot, mean.shape).astype(mean.dtype)
+    var_dot = jnp.broadcast_to(var_dot, var.shape).astype(var.dtype)
+    count_dot = jnp.zeros_like(count)
+    return (y, mean, var, count), (dy, mean_dot, var_dot, count_dot)
 
 
 def eval_normalize(x, mean, var, scale, bias, epsilon):
