@@ -220,8 +220,10 @@ def sync_state(state: State, axis_name: Hashable | tuple[Hashable, ...],
       >>> synced["mean"].tolist()
       [[1.0, 1.0], [1.0, 1.0]]
     """
-    collectives.check_bound(axis_name)
+    checks.check_state(state)
+    axis_size = collectives.check_bound(axis_name)
     groups = collectives.normalize_groups(axis_index_groups)
+    checks.check_groups_cover(groups, axis_size, axis_name)
     stacked = jnp.stack([state["mean"], state["var"].astype(state["mean"].dtype)])
     avg = collectives.mean_over(stacked, axis_name, groups)
     new = dict(state)
