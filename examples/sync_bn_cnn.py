@@ -23,12 +23,39 @@ step are counted at the end (``jaxbn.counting``). On a CPU the 8 devices are fak
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+VARIANTS = ("single", "shard_map", "jit", "pmap", "unsync")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before JAX is imported so that ``--help`` is instant."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=8, help="passes over the digits training set")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="global batch, split evenly over the devices")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--devices", type=int, default=8, help="devices to train over")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="steps per epoch (default: the whole training set; for smoke tests)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma list of the variants to run, from " + ",".join(VARIANTS))
+    p.add_argument("--seed", type=int, default=0, help="initialization and data order")
+    p.add_argument("--out", default="out/sync_bn_cnn",
+                   help="folder for sync_bn_cnn.json and output.txt (what is printed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments end here, before JAX loads
 
 if "jax" not in sys.modules:  # must happen before JAX initializes its backends
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -47,7 +74,6 @@ import datasets  # noqa: E402
 import jaxbn  # noqa: E402
 from jaxbn.counting import CollectiveCount, count_collectives  # noqa: E402
 
-VARIANTS = ("single", "shard_map", "jit", "pmap", "unsync")
 CHANNELS = (16, 32)
 
 
@@ -153,8 +179,9 @@ def start(variant: str, lr: float, seed: int, devices):
 
 
 def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: int,
-          devices, max_steps: int | None = None) -> dict:
-    """Trains one variant; returns per-epoch test accuracy, loss, time and final copies."""
+          devices, max_steps: int | None = None, progress: bool = False) -> dict:
+    """Trains one variant; returns per-epoch test accuracy, loss, time and final copies.
+    ``progress`` shows a progress bar over the variant's steps."""
     x_tr, y_tr, x_te, y_te = data
     v, (params, state, opt) = start(variant, lr, seed, devices)
     evaluate = jax.jit(lambda p, s: jnp.mean(jnp.argmax(forward(p, s, x_te, False)[0], -1)
@@ -162,6 +189,10 @@ def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: 
     rng = np.random.default_rng(seed)  # the same data order for every variant
     steps = len(x_tr) // batch_size if max_steps is None else max_steps
     hist: dict = {"test_accuracy": [], "train_loss": [], "epoch_time_s": []}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=epochs * steps, desc=f"{variant:>9}", unit="step", file=sys.stdout)
     for _ in range(epochs):
         perm = rng.permutation(len(x_tr))
         t0, losses = time.perf_counter(), []
@@ -169,6 +200,8 @@ def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: 
             idx = perm[i * batch_size:(i + 1) * batch_size]
             params, state, opt, loss = v.step(params, state, opt, *v.shard(x_tr[idx], y_tr[idx]))
             losses.append(loss)
+            if bar is not None:
+                bar.update()
             if "params_step1" not in hist:
                 hist["params_step1"] = v.unplace(params)
         hist["train_loss"].append(float(np.mean(jax.device_get(losses))))
@@ -177,6 +210,11 @@ def train(variant: str, data, *, epochs: int, batch_size: int, lr: float, seed: 
         # evaluate with device 0's copy (the only one for synchronized BN: all are equal)
         first = jax.tree.map(lambda a: a[0], (copies_p, copies_s))
         hist["test_accuracy"].append(float(evaluate(*first)))
+        if bar is not None:
+            bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}",
+                            acc=f"{hist['test_accuracy'][-1]:.3f}")
+    if bar is not None:
+        bar.close()
     hist["params"], hist["state"] = copies_p, copies_s
     return hist
 
@@ -199,16 +237,7 @@ def max_difference(a_tree, b_tree) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (8 per device)")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke tests)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     devices = jax.devices()[: args.devices]
     if len(devices) < args.devices or args.batch_size % args.devices:
         raise SystemExit(f"need {args.devices} devices (found {len(jax.devices())}) and a "
@@ -216,33 +245,55 @@ def main(argv=None) -> int:
     x_tr, y_tr, x_te, y_te = datasets.load_digits()
     data = (x_tr.reshape(-1, 8, 8, 1), y_tr, x_te.reshape(-1, 8, 8, 1), y_te)
     variants = [v for v in args.variants.split(",") if v]
-    print(f"{len(devices)} devices ({devices[0].platform}); global batch {args.batch_size}, "
-          f"{args.batch_size // len(devices)} per device")
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line)
+        lines.append(line)
+
+    emit(f"{len(devices)} devices ({devices[0].platform}); global batch {args.batch_size}, "
+         f"{args.batch_size // len(devices)} per device")
     runs = {v: train(v, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed, devices=devices, max_steps=args.max_steps)
+                     seed=args.seed, devices=devices, max_steps=args.max_steps,
+                     progress=not args.no_progress)
             for v in variants}
 
-    print("\ntest accuracy per epoch")
-    print(f"{'epoch':>5} " + " ".join(f"{v:>10}" for v in variants))
+    emit("\ntest accuracy per epoch")
+    emit(f"{'epoch':>5} " + " ".join(f"{v:>10}" for v in variants))
     for e in range(args.epochs):
-        print(f"{e + 1:>5} " + " ".join(f"{runs[v]['test_accuracy'][e]:>10.4f}" for v in variants))
-    print("\nafter training")
+        emit(f"{e + 1:>5} " + " ".join(f"{runs[v]['test_accuracy'][e]:>10.4f}" for v in variants))
+    emit("\nafter training")
+    record: dict = {"args": vars(args), "platform": devices[0].platform, "variants": {}}
     for v in variants:
         r = runs[v]
+        rec = {k: r[k] for k in ("test_accuracy", "train_loss", "epoch_time_s")}
+        rec["running_stats_spread_across_devices"] = spread_across_devices(r["state"])
         line = (f"  {v:>9}: loss {r['train_loss'][-1]:.4f}, epoch time "
                 f"{np.median(r['epoch_time_s']):.2f} s, running stats differ across devices "
-                f"by {spread_across_devices(r['state']):.3g}")
+                f"by {rec['running_stats_spread_across_devices']:.3g}")
         if "single" in runs and v != "single":
             ref = runs["single"]
+            rec["params_vs_single_after_1_step"] = max_difference(r["params_step1"],
+                                                                  ref["params_step1"])
+            rec["params_vs_single_after_training"] = max_difference(r["params"], ref["params"])
+            rec["running_stats_vs_single"] = max_difference(r["state"], ref["state"])
             line += (f"; max |params - single| after 1 step "
-                     f"{max_difference(r['params_step1'], ref['params_step1']):.3g}, after "
-                     f"training {max_difference(r['params'], ref['params']):.3g}; max |running "
-                     f"stats - single| {max_difference(r['state'], ref['state']):.3g}")
-        print(line)
-    print("\ncollectives per training step (traced / compiled; 2 BN layers)")
+                     f"{rec['params_vs_single_after_1_step']:.3g}, after training "
+                     f"{rec['params_vs_single_after_training']:.3g}; max |running stats - "
+                     f"single| {rec['running_stats_vs_single']:.3g}")
+        emit(line)
+        record["variants"][v] = rec
+    emit("\ncollectives per training step (traced / compiled; 2 BN layers)")
     for v in variants:
         traced, compiled = collectives_per_step(v, data, devices, args.batch_size)
-        print(f"  {v:>9}: {traced} / {compiled}")
+        record["variants"][v]["collectives_traced"] = str(traced)
+        record["variants"][v]["collectives_compiled"] = str(compiled)
+        emit(f"  {v:>9}: {traced} / {compiled}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sync_bn_cnn.json").write_text(json.dumps(record, indent=1))
+    (out / "output.txt").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out / 'sync_bn_cnn.json'}, {out / 'output.txt'}")
     return 0
 
 

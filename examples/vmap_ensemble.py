@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     cfg = replace(Config(), norm="batch", epochs=args.epochs)
     keys = jax.random.split(jax.random.key(0), args.members)
     params, states = jax.vmap(lambda k: init_model(k, cfg, x_tr.shape[1], 10))(keys)
-    tx, _, _, _, member_step = make_fns(cfg)  # the same step as none_vs_batch's training
-    opt = jax.vmap(tx.init)(params)
-    step = jax.jit(jax.vmap(member_step, in_axes=((0, 0, 0), (None, None))))
+    fns = make_fns(cfg)  # the same step as none_vs_batch's training
+    opt = jax.vmap(fns.tx.init)(params)
+    step = jax.jit(jax.vmap(fns.step, in_axes=((0, 0, 0), (None, None, None))))
     logits_fn = jax.jit(jax.vmap(lambda p, s: forward(p, s, x_te, False, cfg)[0]))
     rng = np.random.default_rng(0)
     n = len(x_tr) // cfg.batch_size
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         perm = rng.permutation(len(x_tr))
         for i in range(n):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            (params, states, opt), _ = step((params, states, opt), (x_tr[idx], y_tr[idx]))
+            (params, states, opt), _ = step((params, states, opt), (x_tr[idx], y_tr[idx], None))
         logits = logits_fn(params, states)
         member_acc = jnp.mean(jnp.argmax(logits, -1) == y_te, axis=1)
         ens_acc = jnp.mean(jnp.argmax(logits.mean(0), -1) == y_te)

@@ -59,8 +59,15 @@ def test_none_vs_batch_smoke(tmp_path):
         assert len(out[norm]["test_accuracy"]) == 2
         assert all(0.0 <= a <= 1.0 for a in out[norm]["test_accuracy"])
     assert "batchnorm_0" in proc.stdout  # the model summary lists the BN layers
+    for norm in ("none", "batch"):  # at init and after each epoch; one norm per weight matrix
+        assert np.asarray(out[norm]["layer_grad_norms"]).shape == (3, 4)
     assert (tmp_path / "none_vs_batch.png").stat().st_size > 0
-    assert "claims" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "grad_norms.png").stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "claims" in report and "Dataset: scikit-learn digits" in report
+    assert '"norm"' not in report  # the setting line is the runs' common setting
+    assert "| test accuracy | none | batch |" in report  # epochs needed, as a table
+    assert "Overfitting with small batches" in report and "none train - test" in report
 
 
 def test_vmap_ensemble_smoke():
@@ -90,13 +97,175 @@ def test_sync_bn_cnn_matches_single_device(devices):
     assert sync_bn_cnn.spread_across_devices(runs["unsync"]["state"]) > 1e-3
 
 
-def test_sync_bn_cnn_smoke():
+def test_sync_bn_cnn_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "sync_bn_cnn.py"), "--epochs", "1",
-           "--max-steps", "2", "--variants", "single,shard_map"]
+           "--max-steps", "2", "--variants", "single,shard_map", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shard_map: loss" in proc.stdout and "8 devices" in proc.stdout
+    assert "2/2" in proc.stdout  # a progress bar per variant
+    record = json.loads((tmp_path / "sync_bn_cnn.json").read_text())
+    assert len(record["variants"]["shard_map"]["test_accuracy"]) == 1
+    assert "shard_map: loss" in (tmp_path / "output.txt").read_text()
     # traced: per BN layer 1 all-gather + 1 backward all-reduce (2 layers), the loss's pmean,
     # and one gradient all-reduce per non-BN parameter (conv1, conv2, dense w, b): BN's own
     # parameter gradients reuse the backward's all-reduce
     assert "shard_map: 9 /" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["none_vs_batch.py", "sync_bn_cnn.py"])
+def test_help_does_not_import_jax(script):
+    path = str(ROOT / "examples" / script)
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{path!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({path!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('JAX LOADED' if 'jax' in sys.modules else 'NO JAX')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert "NO JAX" in proc.stdout and "(default:" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _tiny_digits(n_train=120, n_test=60):
+    x_tr, y_tr, x_te, y_te = datasets.load_digits()
+    return x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
+
+
+def test_layer_grad_norms_match_closed_form():
+    """The output layer's weight-gradient norm of a 1-hidden-layer sigmoid net at
+    initialization equals the float64 closed form ||h^T (softmax(z) - onehot(y))|| / n."""
+    import jax
+    import none_vs_batch as nvb
+
+    data = _tiny_digits()
+    cfg = nvb.Config(norm="none", depth=1, width=16, epochs=1, batch_size=20)
+    hist = nvb.train(cfg, data, progress=False, verbose=False)
+    params, _ = nvb.init_model(jax.random.key(cfg.seed), cfg, 64, 10)
+    w0, b0, w1, b1 = (np.asarray(params[i][k], np.float64) for i in (0, 1) for k in ("w", "b"))
+    norms = []
+    for i in range(6):  # the 6 probe batches of 20 (the 120 training examples)
+        x = np.asarray(data[0][i * 20:(i + 1) * 20], np.float64)
+        y = data[1][i * 20:(i + 1) * 20]
+        h = 1.0 / (1.0 + np.exp(-(x @ w0 + b0)))
+        z = h @ w1 + b1
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(20), y] -= 1.0
+        norms.append(np.linalg.norm(h.T @ p / 20))
+    np.testing.assert_allclose(hist["layer_grad_norms"][0][-1], np.mean(norms), rtol=1e-4)
+    assert len(hist["layer_grad_norms"]) == 2 and len(hist["layer_grad_norms"][0]) == 2
+
+
+def test_adabn_reestimates_first_layer_statistics():
+    """``adapt`` (reset_stats + training passes + finish_stats) sets the first BN layer's
+    statistics to the float64 mean and population variance of x @ W over all the data."""
+    import jax
+    import none_vs_batch as nvb
+
+    cfg = nvb.Config(norm="batch", depth=2, width=8)
+    params, states = nvb.init_model(jax.random.key(0), cfg, 64, 10)
+    x = _tiny_digits()[0] * 0.5 + 0.3
+    adapted = nvb.make_fns(cfg).adapt(params, states, x.reshape(4, 30, 64))
+    pre = x.astype(np.float64) @ np.asarray(params[0]["w"], np.float64)
+    np.testing.assert_allclose(adapted[0]["mean"], pre.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(adapted[0]["var"], pre.var(0), rtol=1e-4, atol=1e-6)
+    assert set(adapted[0]) == set(states[0])  # back to an ordinary state
+
+
+def test_dropout_only_in_training():
+    import jax
+    import jax.numpy as jnp
+    import none_vs_batch as nvb
+
+    cfg = nvb.Config(norm="none", depth=1, width=1000, dropout=0.5, activation="relu",
+                     init_std=1.0)
+    params, states = nvb.init_model(jax.random.key(0), cfg, 64, 10)
+    x = jnp.asarray(_tiny_digits()[0][:4])
+    eval_out = nvb.forward(params, states, x, False, cfg, jax.random.key(1))[0]
+    plain = nvb.forward(params, states, x, False, nvb.Config(norm="none", depth=1,
+                                                             width=1000, activation="relu"))[0]
+    np.testing.assert_array_equal(eval_out, plain)
+    # in training, the hidden units reaching the output are zeroed with probability 0.5
+    params[1]["w"] = jnp.eye(1000, 10)
+    x_tr = jnp.asarray(_tiny_digits()[0][:40])
+    h = np.asarray(jax.nn.relu(x_tr @ params[0]["w"]))[:, :10]
+    out = np.asarray(nvb.forward(params, states, x_tr, True, cfg, jax.random.key(1))[0])
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 2 * h[kept], rtol=1e-5)
+    assert 0.35 < kept[h > 0].mean() < 0.65
+
+
+def test_cnn_bn_state_per_channel():
+    import jax
+    import none_vs_batch as nvb
+
+    cfg = nvb.Config(norm="batch", arch="cnn", activation="relu")
+    params, states = nvb.init_model(jax.random.key(0), cfg, 64, 10)
+    assert [s["mean"].shape for s in states] == [(16,), (32,)]
+    x = _tiny_digits()[0][:5]
+    logits, new, _ = nvb.forward(params, states, x, True, cfg)
+    assert logits.shape == (5, 10)
+    # first BN layer: mean over batch and space of a 3x3 SAME convolution, in float64
+    img = np.pad(x.reshape(5, 8, 8).astype(np.float64), ((0, 0), (1, 1), (1, 1)))
+    w = np.asarray(params[0]["w"], np.float64)[:, :, 0, :]
+    conv = sum(img[:, i:i + 8, j:j + 8, None] * w[i, j] for i in range(3) for j in range(3))
+    np.testing.assert_allclose(new[0]["mean"], 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def claim_run(tmp_path_factory):
+    """One tiny run of the four claim sweeps (shared by the tests below to compile once)."""
+    import none_vs_batch as nvb
+
+    out = tmp_path_factory.mktemp("claims")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nvb, "GRADIENT_SETTINGS", {
+            "2-layer tanh": ({"depth": 2, "activation": "tanh", "init_std": 0.5}, "exploding")})
+        mp.setattr(nvb.datasets, "load", lambda name, d=None: _tiny_digits(240, 60))
+        nvb.main(["--epochs", "1", "--width", "8", "--depth", "2", "--no-progress",
+                  "--sweep", "gradients,dropout,shift,cnn", "--cnn-epochs", "1", "--subset",
+                  "120", "--dropout-steps", "2", "--seeds", "1", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    verdicts = [line for line in report.splitlines() if line.startswith("- **")]
+    return json.loads((out / "none_vs_batch.json").read_text())["sweeps"], verdicts, out
+
+
+def _has_verdict(verdicts, words):
+    line = next(v for v in verdicts if words in v)
+    assert any(w in line for w in ("held", "did not hold", "inconclusive")), line
+
+
+def test_gradients_sweep_smoke(claim_run):
+    sweeps, verdicts, out = claim_run
+    assert np.asarray(sweeps["gradients"]["2-layer tanh"]["none"]["layer_grad_norms"]).shape \
+        == (2, 3)
+    _has_verdict(verdicts, "exploding gradients")
+    _has_verdict(verdicts, "gradient flow")
+    assert (out / "grad_norms.png").stat().st_size > 0
+
+
+def test_dropout_sweep_smoke(claim_run):
+    sweeps, verdicts, _ = claim_run
+    assert set(sweeps["dropout"]["variants"]) == {"none", "batch", "none + dropout",
+                                                  "batch + dropout"}
+    _has_verdict(verdicts, "Regularization")
+    _has_verdict(verdicts, "need for dropout")
+
+
+def test_shift_sweep_smoke(claim_run):
+    import none_vs_batch as nvb
+
+    sweeps, verdicts, _ = claim_run
+    assert set(sweeps["shift"]) == {"clean", *nvb.SHIFTS}
+    _has_verdict(verdicts, "Non-stationary data: BN assumes")
+    _has_verdict(verdicts, "AdaBN")
+
+
+def test_cnn_sweep_smoke(claim_run):
+    sweeps, verdicts, out = claim_run
+    assert len(sweeps["cnn"]["batch"]["test_accuracy"]) == 1
+    assert sweeps["cnn"]["costs"]["batch"]["step_time_s"] > 0
+    _has_verdict(verdicts, "CNN")
+    assert (out / "cnn.png").stat().st_size > 0
