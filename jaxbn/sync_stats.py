@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import collectives, moments
+from jaxbn.layout import Layout
 from jaxbn.moments import Moments, safe_div
 
 # Largest group size combined by all-gather; above it, the O(F) all-reduce. Module-level so
@@ -95,6 +96,28 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
     if method == "gather":
         return moments.combine_across(local, axis_name, groups)
     return _reduced(local, axis_name, groups, shift, size, always_two=method == "two_rounds")
+
+
+def warm_shift(running_mean: jax.Array, updates: jax.Array | None = None,
+               momentum: float | None = None) -> jax.Array:
+    """A shift for :func:`combine_across` from the running mean that every device holds.
+
+    An exponential average started at zero lags the batch mean by ``momentum**updates`` of
+    its size; with the number of updates known (``state["count"]``) that bias is divided out,
+    as in Adam, so the shift is near the batch mean from the second step on and the second
+    round fires only when the statistics move fast. Without ``updates`` (Flax's
+    ``batch_stats`` keep no count) the running mean is returned as it is.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> # one update of 0.99 * 0 + 0.01 * 1e4: the batch mean was 1e4
+      >>> warm_shift(jnp.array([100.0]), jnp.array(1), 0.99).round().tolist()
+      [10000.0]
+    """
+    if updates is None or momentum is None:
+        return running_mean
+    seen = 1.0 - jnp.asarray(momentum, running_mean.dtype) ** updates.astype(running_mean.dtype)
+    return jnp.where(updates > 0, running_mean / jnp.where(updates > 0, seen, 1.0), 0.0)
 
 
 def _agreed_shift(shift, like: jax.Array, names) -> jax.Array:
@@ -166,3 +189,85 @@ def _reduced(local, axis_name, groups, shift, size, *, always_two):
     if not isinstance(total, int):  # an empty feature's mean is 0, as on one device
         k = jnp.where(total > 0, k, 0)
     return Moments(total, k, corr, m2)
+
+
+# ---- Plain jit over a sharded batch (no axis name): XLA inserts the collectives ------------
+
+def batch_may_be_sharded(x: jax.Array, layout: Layout) -> bool:
+    """Whether plain ``jit`` may have split ``x``'s reduced dimensions over devices.
+
+    True when ``x``'s type names an Explicit mesh axis (of size > 1) on a reduced dimension,
+    or when its mesh has Auto axes of size > 1 (their sharding is not in the type, so it is
+    unknown at trace time). False outside any mesh, and for axes that are already manual
+    (inside ``shard_map`` or ``pmap``, where ``x`` is one device's block).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn.layout import make_layout
+      >>> batch_may_be_sharded(jnp.ones((4, 3)), make_layout((4, 3), -1))
+      False
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not mesh.axis_names:
+        return False
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if any(kinds[a] == jax.sharding.AxisType.Auto and sizes[a] > 1 for a in mesh.axis_names):
+        return True
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    for dim in layout.reduce_axes:
+        names = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
+        if any(n is not None and kinds[n] == jax.sharding.AxisType.Explicit
+               and sizes[n] > 1 for n in names):
+            return True
+    return False
+
+
+def shifted_moments(x: jax.Array, mask: jax.Array | None, layout: Layout,
+                    shift: jax.Array | None = None) -> Moments:
+    """Moments of ``x`` (all of it, every device's part under plain ``jit``) from ONE pass of
+    sums about ``shift``, and a second pass about ``shift + mean`` only when needed.
+
+    The statistics of a batch that ``jit`` has sharded over devices: the two sums of the
+    first pass are independent reductions, which XLA all-reduces as ONE collective (the
+    corrected two-pass of :func:`jaxbn.moments.local_moments` needs two, one after the
+    other). The second pass runs inside a ``lax.cond`` on :func:`second_round_needed`, as in
+    :func:`combine_across`, so the result keeps single-device precision whatever the shift.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn.layout import make_layout
+      >>> x = jnp.array([[1e4 + 1.0], [1e4 + 3.0]])
+      >>> m = shifted_moments(x, None, make_layout(x.shape, -1))  # zero shift: 2 passes
+      >>> (m.m0 + m.corr).item(), (m.m2 / m.count).item()
+      (10002.0, 1.0)
+    """
+    dt = moments.stats_dtype(x.dtype)
+    xs = x.astype(dt)
+    axes = layout.reduce_axes
+    count: Any
+    if mask is None:
+        count, valid = layout.local_count, None
+    else:
+        valid = moments.as_rank(mask, x.ndim)
+        count = moments.masked_count(valid, layout, dt)
+    k = jnp.zeros(layout.broadcast_shape, dt) if shift is None else moments.opaque(
+        jnp.broadcast_to(jnp.asarray(shift, dt), layout.broadcast_shape))
+
+    def sums(k):
+        d = xs - k if valid is None else jnp.where(valid, xs - k, 0)
+        return jnp.sum(d, axis=axes, keepdims=True), jnp.sum(d * d, axis=axes, keepdims=True)
+
+    def second_pass(_):
+        k2 = moments.opaque(k + safe_div(s1, count))
+        return (k2, *sums(k2))
+
+    s1, s2 = sums(k)
+    k, s1, s2 = lax.cond(second_round_needed(s1, s2, count), second_pass,
+                         lambda _: (k, s1, s2), None)
+    corr = safe_div(s1, count)
+    m2 = jnp.maximum(s2 - s1 * corr, 0)
+    if not isinstance(count, int):
+        k = jnp.where(count > 0, k, 0)
+    return Moments(count, k, corr, m2)
