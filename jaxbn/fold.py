@@ -57,7 +57,7 @@ def fold_conv(kernel: jax.Array, bias: jax.Array | None, params: Mapping, state:
 
 def _get(tree, path: str, what: str):
     """``tree[k1][k2]...`` for ``path = "k1/k2/..."``; a KeyError names the missing step."""
-    node, done = tree, []
+    node, done = tree, list[str]()
     for key in path.split("/"):
         if not isinstance(node, Mapping) or key not in node:
             where = "/".join(done) or "the top level"

@@ -43,8 +43,9 @@ def _rebuild(like: Mapping, items: dict) -> Any:
     """``items`` as a mapping of ``like``'s type (dict, FrozenDict, ...)."""
     if type(like) is dict:
         return items
+    cls: Any = type(like)
     try:
-        return type(like)(items)
+        return cls(items)
     except TypeError:
         return items
 
