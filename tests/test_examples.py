@@ -20,7 +20,8 @@ def _write_idx(path, arr, gz=True):
     header = struct.pack(">BBBB", 0, 0, codes[arr.dtype], arr.ndim)
     header += struct.pack(f">{arr.ndim}I", *arr.shape)
     data = header + arr.tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(data)
 
 
 def test_idx_roundtrip_and_mnist_loader(tmp_path):
