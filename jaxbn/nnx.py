@@ -11,8 +11,8 @@ Example:
   >>> from jaxbn.nnx import BatchNorm
   >>> bn = BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
   >>> y = bn(jnp.arange(12.0).reshape(4, 3))
-  >>> bn.mean[...].tolist()
-  [0.45000001788139343, 0.550000011920929, 0.6500000357627869]
+  >>> bn.mean[...].round(4).tolist()
+  [0.44999998807907104, 0.550000011920929, 0.6499999761581421]
   >>> bn.eval(); bn.use_running_average
   True
 """
@@ -28,20 +28,35 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 
-from jaxbn.flax_common import apply_core, jaxbn_extras
+from jaxbn.flax_common import Extras, apply_core, as_hashable, state_dtypes
 from jaxbn.precise import reset_stats
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
+_STATS = ("mean", "var", "count", "seen")  # the BatchStat attributes the core's state uses
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(nnx.BatchNorm):
     """BatchNorm layer with the constructor and attributes of ``flax.nnx.BatchNorm``.
+
+    It subclasses ``flax.nnx.BatchNorm`` so that ``isinstance(m, flax.nnx.BatchNorm)`` holds;
+    Flax's constructor sets up the same attributes (so ``vars()``, the repr and the graphdef
+    are Flax's), and every computation is jaxbn's (``__call__`` is replaced).
 
     ``momentum=None`` keeps a cumulative average and adds a ``count`` BatchStat. jaxbn's extra
     options (``unbiased_running_var``, ``virtual_batch_size``, ``renorm``,
-    ``skip_nonfinite``) are described in ``jaxbn.bn_apply``.
+    ``skip_nonfinite``) are described in ``jaxbn.bn_apply``; an instance stores one only when
+    it differs from the default (a class attribute), as a hashable static attribute. With
+    ``param_dtype`` or ``dtype`` float64 (under ``jax_enable_x64``) the statistics are
+    created float64; otherwise float32, widened on the first float64 or complex batch.
     """
+
+    unbiased_running_var: bool = False
+    virtual_batch_size: int | None = None
+    renorm: tuple[Any, Any] | None = None
+    skip_nonfinite: bool = False
+    count: nnx.BatchStat  # only with momentum=None
+    seen: nnx.BatchStat  # only during precise_stats
 
     def __init__(self, num_features: int, *, use_running_average: bool | None = False,
                  axis: int = -1, momentum: float | None = 0.99, epsilon: float = 1e-5,
@@ -54,66 +69,73 @@ class BatchNorm(nnx.Module):
                  scale_metadata: Mapping[str, Any] = MappingProxyType({}),
                  unbiased_running_var: bool = False, virtual_batch_size: int | None = None,
                  renorm: tuple[Any, Any] | None = None, skip_nonfinite: bool = False):
-        shape = (num_features,)
-        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if momentum is None else None
-        self.scale = (nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-                      if use_scale else nnx.data(None))
-        self.bias = (nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-                     if use_bias else nnx.data(None))
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
-        self.extras = jaxbn_extras(unbiased_running_var, virtual_batch_size, renorm,
-                                   skip_nonfinite)
+        super().__init__(  # Flax's attribute set-up only (no computation)
+            num_features, use_running_average=use_running_average, axis=as_hashable(axis),
+            momentum=momentum,  # type: ignore[arg-type]  # None: jaxbn's cumulative average
+            epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, bias_init=bias_init,
+            scale_init=scale_init, axis_name=as_hashable(axis_name),
+            axis_index_groups=as_hashable(axis_index_groups),
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata)
+        mean_dt, var_dt = state_dtypes(jnp.float32, param_dtype, dtype)
+        if mean_dt != jnp.float32:
+            self.mean = nnx.BatchStat(jnp.zeros((num_features,), mean_dt))
+            self.var = nnx.BatchStat(jnp.ones((num_features,), var_dt))
+        if momentum is None:
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        extras = Extras(unbiased_running_var, virtual_batch_size, as_hashable(renorm),
+                        skip_nonfinite)
+        for name, value in extras._asdict().items():
+            if value != getattr(Extras(), name):
+                setattr(self, name, value)
 
     def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: switches between batch and running statistics."""
+        """Used by ``nnx.view`` (and ``model.train()``/``model.eval()``).
+
+        Args:
+          use_running_average: if True, normalize with the stored running statistics and leave
+            them unchanged; if False, normalize with the batch's statistics and update them.
+            None leaves the setting as it is.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        """Normalizes ``x``; the call's ``use_running_average`` overrides the attribute."""
+        """Normalizes ``x``; the call's ``use_running_average`` overrides the attribute.
+
+        Like Flax, ``promote_dtype`` receives ``(x, mean, var, scale, bias)`` (``None`` for a
+        disabled scale or bias); the promoted ``x``, ``scale`` and ``bias`` are normalized,
+        while the statistics stay in their own (float32 or wider) dtype.
+        """
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError("no use_running_average was given: pass it to BatchNorm(...), to "
                              "the call, or set it with model.train()/model.eval()/nnx.view")
-        params = {}
-        if self.scale is not None:
-            params["scale"] = self.scale[...]
-        if self.bias is not None:
-            params["bias"] = self.bias[...]
-        names = self._stat_names()
+        names = [k for k in _STATS if getattr(self, k, None) is not None]
         state = {k: getattr(self, k)[...] for k in names}
-        promoted = self.promote_dtype((x, state["mean"], state["var"], *params.values()),
-                                      dtype=self.dtype)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, _, _, scale, bias = self.promote_dtype((x, state["mean"], state["var"], scale, bias),
+                                                  dtype=self.dtype)
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+        out_dtype = nnx_dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
         train = not use_running_average
         y, new = apply_core(x, params, state, train, axis=self.axis, momentum=self.momentum,
                             epsilon=self.epsilon, axis_name=self.axis_name,
                             axis_index_groups=self.axis_index_groups, mask=mask,
-                            extras=self.extras, out_dtype=promoted[0].dtype)
+                            out_dtype=out_dtype,
+                            extras=Extras(self.unbiased_running_var, self.virtual_batch_size,
+                                          self.renorm, self.skip_nonfinite))
         if train:
             for k in names:
-                getattr(self, k)[...] = new[k]
+                stat = getattr(self, k)
+                if new[k].dtype == stat[...].dtype:
+                    stat[...] = new[k]
+                else:  # widened (float64 or complex input): replace, as flax.linen does
+                    stat.set_value(new[k])
         return y
-
-    def _stat_names(self) -> list[str]:
-        """The BatchStat attributes that form the core's state dict (``count`` and ``seen``
-        only when present)."""
-        return ["mean", "var"] + [k for k in ("count", "seen") if getattr(self, k, None)
-                                  is not None]
 
 
 def precise_stats(model: nnx.Module, batches, call=None) -> None:
@@ -131,7 +153,7 @@ def precise_stats(model: nnx.Module, batches, call=None) -> None:
       >>> bn.mean[...].tolist(), bn.var[...].tolist()
       ([3.0], [5.0])
     """
-    layers = [m for _, m in model.iter_modules() if isinstance(m, BatchNorm)]
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
     for m in layers:
         fresh = reset_stats({"mean": m.mean[...], "var": m.var[...]})
         m.mean[...], m.var[...] = fresh["mean"], fresh["var"]
