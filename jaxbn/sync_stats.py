@@ -69,7 +69,8 @@ def choose_method(num_devices: int) -> str:
 
 
 def combine_across(local: Moments, axis_name: collectives.AxisName, groups: collectives.Groups,
-                   *, shift: jax.Array | None = None, method: str | None = None) -> Moments:
+                   *, shift: jax.Array | None = None, method: str | None = None,
+                   epsilon: float = 0.0) -> Moments:
     """Combines per-device moments over the named devices; returns the global moments.
 
     Args:
@@ -83,6 +84,11 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
         ``shard_map`` a shift typed as varying over ``axis_name`` is ignored (zero is used).
       method: ``"gather"``, ``"reduce"``, ``"two_rounds"``, or None for
         :func:`choose_method` on the static group size.
+      epsilon: the layer's epsilon. The first all-reduce is accepted when ``(mean - K)**2 <=
+        RATIO_LIMIT * (var + epsilon)``: the variance error is then within ``1 + RATIO_LIMIT``
+        times one device's rounding of ``var + epsilon``, the quantity normalization uses, and
+        a constant feature whose running mean sits an ulp from its value does not take the
+        second round on every step. 0 asks for that precision relative to ``var`` itself.
 
     Returns:
       Global :class:`~jaxbn.moments.Moments`: the count (a Python int when static), ``m0`` and
@@ -95,7 +101,8 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
         raise ValueError(f"method must be one of {METHODS} or None, got {method!r}")
     if method == "gather":
         return moments.combine_across(local, axis_name, groups)
-    return _reduced(local, axis_name, groups, shift, size, always_two=method == "two_rounds")
+    return _reduced(local, axis_name, groups, shift, size, epsilon,
+                    always_two=method == "two_rounds")
 
 
 def warm_shift(running_mean: jax.Array, updates: jax.Array | None = None,
@@ -130,9 +137,10 @@ def _agreed_shift(shift, like: jax.Array, names) -> jax.Array:
     return moments.opaque(shift)  # every use below must see the same rounded value
 
 
-def second_round_needed(s1: jax.Array, s2: jax.Array, total: jax.Array | int) -> jax.Array:
-    """Whether sums about a shift ``K`` lose too much: ``r = (mean - K)**2 / var`` exceeds
-    :data:`RATIO_LIMIT` for some feature, or a sum is not finite. A scalar bool.
+def second_round_needed(s1: jax.Array, s2: jax.Array, total: jax.Array | int,
+                        epsilon: float = 0.0) -> jax.Array:
+    """Whether sums about a shift ``K`` lose too much: ``r = (mean - K)**2 / (var + epsilon)``
+    exceeds :data:`RATIO_LIMIT` for some feature, or a sum is not finite. A scalar bool.
 
     ``s1 = sum(x - K)``, ``s2 = sum((x - K)**2)``, ``total`` the count. Fed only all-reduced
     values, it is bitwise the same on every device.
@@ -144,9 +152,10 @@ def second_round_needed(s1: jax.Array, s2: jax.Array, total: jax.Array | int) ->
       True
     """
     mean_sq = jnp.square(safe_div(s1, total))
-    # r <= limit  <=>  mean_sq * (1 + limit) <= limit * s2 / N; NaN compares False, and an
-    # overflowed s2 (offsets near sqrt(max float) about a cold shift) also asks for a round.
-    fine = (mean_sq * (1 + RATIO_LIMIT) <= RATIO_LIMIT * safe_div(s2, total)) & jnp.isfinite(s2)
+    # r <= limit  <=>  mean_sq * (1 + limit) <= limit * (s2 / N + eps); NaN compares False,
+    # and an overflowed s2 (offsets near sqrt(max float) about a cold shift) asks for a round.
+    fine = mean_sq * (1 + RATIO_LIMIT) <= RATIO_LIMIT * (safe_div(s2, total) + epsilon)
+    fine = fine & jnp.isfinite(s2)
     return jnp.logical_not(jnp.all(fine))
 
 
@@ -162,7 +171,7 @@ def _shifted_sums(local, k):
     return s1, s2
 
 
-def _reduced(local, axis_name, groups, shift, size, *, always_two):
+def _reduced(local, axis_name, groups, shift, size, epsilon, *, always_two):
     count = local.count
     k = _agreed_shift(shift, local.m0, collectives.names_of(axis_name))
     s1, s2 = _shifted_sums(local, k)
@@ -182,7 +191,7 @@ def _reduced(local, axis_name, groups, shift, size, *, always_two):
     if always_two:
         k, s1, s2 = second_round(None)
     else:
-        k, s1, s2 = lax.cond(second_round_needed(s1, s2, total), second_round,
+        k, s1, s2 = lax.cond(second_round_needed(s1, s2, total, epsilon), second_round,
                              lambda _: (k, s1, s2), None)
     corr = safe_div(s1, total)
     m2 = jnp.maximum(s2 - s1 * corr, 0)
@@ -225,7 +234,7 @@ def batch_may_be_sharded(x: jax.Array, layout: Layout) -> bool:
 
 
 def shifted_moments(x: jax.Array, mask: jax.Array | None, layout: Layout,
-                    shift: jax.Array | None = None) -> Moments:
+                    shift: jax.Array | None = None, epsilon: float = 0.0) -> Moments:
     """Moments of ``x`` (all of it, every device's part under plain ``jit``) from ONE pass of
     sums about ``shift``, and a second pass about ``shift + mean`` only when needed.
 
@@ -233,7 +242,8 @@ def shifted_moments(x: jax.Array, mask: jax.Array | None, layout: Layout,
     first pass are independent reductions, which XLA all-reduces as ONE collective (the
     corrected two-pass of :func:`jaxbn.moments.local_moments` needs two, one after the
     other). The second pass runs inside a ``lax.cond`` on :func:`second_round_needed`, as in
-    :func:`combine_across`, so the result keeps single-device precision whatever the shift.
+    :func:`combine_across` (``epsilon`` as there), so the result keeps single-device precision
+    whatever the shift.
 
     Example:
       >>> import jax.numpy as jnp
@@ -264,7 +274,7 @@ def shifted_moments(x: jax.Array, mask: jax.Array | None, layout: Layout,
         return (k2, *sums(k2))
 
     s1, s2 = sums(k)
-    k, s1, s2 = lax.cond(second_round_needed(s1, s2, count), second_pass,
+    k, s1, s2 = lax.cond(second_round_needed(s1, s2, count, epsilon), second_pass,
                          lambda _: (k, s1, s2), None)
     corr = safe_div(s1, count)
     m2 = jnp.maximum(s2 - s1 * corr, 0)

@@ -189,6 +189,14 @@ def test_second_round_predicate_against_closed_form():
                                                    np.zeros(3, np.float32), 0))
 
 
+def test_constant_feature_an_ulp_from_the_shift_needs_no_second_round_given_epsilon():
+    """var = 0 and mean - K = 1 ulp: infinitely many times var, but nothing against epsilon."""
+    n, delta = 10, np.float32(np.spacing(np.float32(1.0)))
+    s1, s2 = np.float32([n * delta]), np.float32([n * delta * delta])
+    assert bool(sync_stats.second_round_needed(s1, s2, n))
+    assert not bool(sync_stats.second_round_needed(s1, s2, n, epsilon=1e-5))
+
+
 def test_second_round_is_what_saves_a_cold_shift(monkeypatch):
     """Without the second round a zero shift at offset 1e4 loses the variance entirely."""
     x = _data("1e4+N(0,1) per-device offsets", seed=9)
