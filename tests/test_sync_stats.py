@@ -488,3 +488,63 @@ def test_bn_apply_under_jit_over_sharded_batch_when_wired(kind):
         y = np.asarray(jax.jit(fwd)(xs), np.float64)
     mean_ref, var_ref, _ = _reference(x)
     np.testing.assert_allclose(y, (x - mean_ref) / np.sqrt(var_ref + 1e-5), atol=2e-4)
+
+
+_WORKER = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_platforms", "cpu")
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=60)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxbn import moments, sync_stats
+from jaxbn.layout import make_layout
+rng = np.random.default_rng(0)
+x = (1e4 + rng.normal(size=(4, 6, 3)) + rng.normal(size=(4, 1, 3))).astype(np.float32)
+x = x.reshape(-1, 3)
+mesh = jax.make_mesh((4,), ("d",), devices=jax.devices())
+xs = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")),
+                                            x[pid * 12:(pid + 1) * 12], x.shape)
+def body(x):
+    m = moments.local_moments(x, None, make_layout(x.shape, -1))
+    g = sync_stats.combine_across(m, "d", None, method="reduce")  # cold shift: 2 rounds
+    return g.m0, g.corr, g.m2 / g.count
+fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P()))
+m0, corr, var = (np.asarray(a.addressable_data(0), np.float64).ravel() for a in fn(xs))
+if pid == 0:
+    x64 = x.astype(np.float64)
+    json.dump({"mean": (m0 + corr).tolist(), "var": var.tolist(), "ref_mean": x64.mean(0).tolist(),
+               "ref_var": x64.var(0).tolist()}, open(out, "w"))
+jax.distributed.shutdown()
+"""
+
+
+def test_reduce_across_two_processes(tmp_path):
+    """2 processes x 2 CPU devices (gloo): the all-reduce and its conditional second round
+    across processes give the float64 statistics of the global batch."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, str(out)],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=200)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), errs[0][-2000:] + errs[1][-2000:]
+    r = json.loads(out.read_text())
+    spread = np.sqrt(r["ref_var"])
+    np.testing.assert_allclose((np.subtract(r["mean"], r["ref_mean"])) / spread, 0, atol=1e-6)
+    np.testing.assert_allclose(r["var"], r["ref_var"], rtol=1e-6)
