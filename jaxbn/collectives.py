@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 AxisName = Hashable | tuple[Hashable, ...]
@@ -87,8 +88,10 @@ def gather_stacked(local: jax.Array, axis_name: AxisName, groups: Groups) -> jax
     names = names_of(axis_name)
     try:
         if _is_manual(local, names):
-            out = lax.all_gather(local, names if len(names) > 1 else names[0],
-                                 axis_index_groups=groups, to="invarying")
+            # Gathered as a tiled concatenation of a new leading axis: JAX 0.10's sharding
+            # rule for the untiled form mis-places the spec under a partial-manual shard_map.
+            out = lax.all_gather(local[None], names if len(names) > 1 else names[0],
+                                 axis_index_groups=groups, tiled=True, to="invarying")
         elif len(names) == 1:
             out = lax.all_gather(local, names[0], axis_index_groups=groups)
         else:
@@ -102,28 +105,40 @@ def gather_stacked(local: jax.Array, axis_name: AxisName, groups: Groups) -> jax
         if groups is not None:
             raise _grouped_error(err) from None
         raise
-    if out.ndim == local.ndim + len(names) and len(names) > 1:
-        out = out.reshape((-1,) + local.shape)
     return out
+
+
+def _vmapped_on_explicit_mesh(names: tuple[Hashable, ...]) -> bool:
+    """True when some name is a vmap axis inside ``jax.set_mesh`` with Explicit axes.
+
+    JAX 0.10's psum batching rule mis-types its result there (it keeps the batch sharding);
+    an all-gather followed by a sum is exact and, under vmap, only array operations.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = getattr(mesh, "_any_axis_explicit", False)
+    return bool(explicit) and any(n not in mesh.axis_names for n in names)
+
+
+def _grouped(fn, value, names, groups):
+    try:
+        return fn(value, names if len(names) > 1 else names[0], axis_index_groups=groups)
+    except NotImplementedError as err:
+        if groups is not None:
+            raise _grouped_error(err) from None
+        raise
 
 
 def sum_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
     """Sums ``value`` over the named devices (one all-reduce)."""
     names = names_of(axis_name)
-    try:
-        return lax.psum(value, names if len(names) > 1 else names[0], axis_index_groups=groups)
-    except NotImplementedError as err:
-        if groups is not None:
-            raise _grouped_error(err) from None
-        raise
+    if _vmapped_on_explicit_mesh(names):
+        return jnp.sum(gather_stacked(value, axis_name, groups), axis=0)
+    return _grouped(lax.psum, value, names, groups)
 
 
 def mean_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
     """Averages ``value`` over the named devices (one all-reduce)."""
     names = names_of(axis_name)
-    try:
-        return lax.pmean(value, names if len(names) > 1 else names[0], axis_index_groups=groups)
-    except NotImplementedError as err:
-        if groups is not None:
-            raise _grouped_error(err) from None
-        raise
+    if _vmapped_on_explicit_mesh(names):
+        return jnp.mean(gather_stacked(value, axis_name, groups), axis=0)
+    return _grouped(lax.pmean, value, names, groups)

@@ -121,11 +121,13 @@ def local_moments(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Momen
 def pool(counts: jax.Array, m0s: jax.Array, corrs: jax.Array, m2s: jax.Array) -> Moments:
     """Pools moments stacked on axis 0 into one, count-weighted (Chan's parallel rule).
 
-    Works on differences of the provisional means about the one with the most data, so a
-    common offset cancels before any rounding.
+    Works on differences of the provisional means about the one with the most data (the
+    largest such ``m0`` on ties), so a common offset cancels before any rounding.
     """
     total = jnp.sum(counts, axis=0)
-    ref = jnp.take_along_axis(m0s, jnp.argmax(counts, axis=0)[None], axis=0)
+    # Reductions only (no indexing), so a stacked axis sharded on an Explicit mesh works.
+    largest = counts == jnp.max(counts, axis=0, keepdims=True)
+    ref = jnp.max(jnp.where(largest, m0s, -jnp.inf), axis=0, keepdims=True)
     offsets = (m0s - ref) + corrs  # each part's mean minus ref
     corr = safe_div(jnp.sum(counts * offsets, axis=0), total)
     dev = offsets - corr[None]

@@ -195,7 +195,7 @@ def test_fold_dense_and_conv_match_eval_bn():
 def test_fold_linen_on_a_cnn():
     model, v, x = _trained_cnn_variables()
     folded = jaxbn.fold_linen(v, {"Conv_0": "BatchNorm_0", "Conv_1": "BatchNorm_1",
-                                  "Dense_0": "BatchNorm_2"})
+                                  "Dense_0": "BatchNorm_2"}, add_bias=True)
     want = model.apply(v, x)
     got = CNN(conv0_bias=True).apply(folded, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

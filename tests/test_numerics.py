@@ -1,0 +1,182 @@
+"""Precision and robustness of the core against float64 NumPy: FMA contraction, large offsets,
+padding that holds anything, features with no valid element, rank promotion, forward mode and
+the residuals reverse mode keeps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxbn
+from tests import reference as ref
+
+F = 3
+
+
+def _params(feats=F, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"scale": jnp.asarray(rng.uniform(0.5, 2.0, feats), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=feats), jnp.float32)}
+
+
+def test_mean_is_correctly_rounded_under_jit():
+    """XLA:CPU fuses sum * (1/n) into x - m0 as an FMA unless m0 is opaque; the deviations are
+    then taken about the unrounded product and corr corrects the wrong m0. The corrected
+    two-pass mean must be the float64 mean correctly rounded (n = 100: 1/n is inexact)."""
+    rng = np.random.default_rng(0)
+    x = (123.456 + 0.1 * rng.normal(size=(100, 1024))).astype(np.float32)
+    params, state = jaxbn.bn_init(1024)
+    _, new = jax.jit(lambda x: jaxbn.bn_apply(params, state, x, True, momentum=0.0))(x)
+    truth = x.astype(np.float64).mean(0)
+    rounded_err = np.abs(truth.astype(np.float32).astype(np.float64) - truth)
+    err = np.abs(np.asarray(new["mean"], np.float64) - truth)
+    ulp = np.spacing(np.float32(123.456)).astype(np.float64)
+    # contracted: max 0.97 ulp, 26% of features worse than the rounded truth
+    assert err.max() <= 0.55 * ulp, err.max() / ulp
+    assert np.mean(err > rounded_err + 1e-12) <= 0.02
+
+
+def test_output_at_a_large_offset_matches_float64():
+    """Single device, 1e6 + N(0, 1): the mean is subtracted as its two floats."""
+    rng = np.random.default_rng(1)
+    x = (1e6 + rng.normal(size=(256, F))).astype(np.float32)
+    params = _params()
+    _, state = jaxbn.bn_init(F)
+    y, _ = jax.jit(lambda x: jaxbn.bn_apply(params, state, x, True))(x)
+    want = ref.bn_forward(x, params["scale"], params["bias"])
+    assert np.abs(np.asarray(y, np.float64) - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("padding", [np.nan, np.inf, -np.inf, 3.0e38])
+def test_padding_holds_anything(padding):
+    """Masked-out rows cannot influence valid outputs, statistics or gradients."""
+    rng = np.random.default_rng(2)
+    valid = rng.normal(2.0, 3.0, (6, F)).astype(np.float32)
+    x = np.concatenate([valid, np.full((2, F), padding, np.float32)])
+    mask = np.array([True] * 6 + [False] * 2)[:, None]
+    dy = rng.normal(size=(8, F)).astype(np.float32)
+    params = _params()
+    _, state = jaxbn.bn_init(F)
+
+    def loss(p, x, m):
+        y, new = jaxbn.bn_apply(p, state, x, True, mask=m, momentum=0.5)
+        n = x.shape[0] if m is None else 6
+        return jnp.sum(jnp.where(m if m is not None else True, y, 0)[:n] * dy[:n]), (y, new)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    (gp, gx), (y, new) = grad(params, jnp.asarray(x), mask)
+    (gp0, gx0), (y0, new0) = grad(params, jnp.asarray(valid), None)
+    np.testing.assert_allclose(y[:6], y0, rtol=1e-6, atol=1e-6)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(new[k], new0[k], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx[:6], gx0, rtol=1e-5, atol=1e-6)
+    assert np.all(gx[6:] == 0)
+    for k in ("scale", "bias"):
+        np.testing.assert_allclose(gp[k], gp0[k], rtol=1e-5, atol=1e-6)
+    # and the float64 reference on the valid rows
+    dx_ref, dscale_ref, dbias_ref = ref.bn_grads(valid, params["scale"], dy[:6])
+    np.testing.assert_allclose(gx0, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gp0["scale"], dscale_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_without_valid_element_uses_running_statistics():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, F)).astype(np.float32) * 10
+    mask = np.ones((5, F), bool)
+    mask[:, 1] = False  # feature 1 has no valid element
+    params = _params()
+    state = {"mean": jnp.array([0.5, -1.0, 2.0]), "var": jnp.array([2.0, 4.0, 0.5]),
+             "count": jnp.zeros((), jnp.int32)}
+    y, new = jaxbn.bn_apply(params, state, jnp.asarray(x), True, mask=mask)
+    want = ref.bn_eval(x, params["scale"], params["bias"], state["mean"], state["var"])
+    np.testing.assert_allclose(y[:, 1], want[:, 1], rtol=1e-5, atol=1e-5)
+    train_ref = ref.bn_forward(x, params["scale"], params["bias"], mask=mask)
+    np.testing.assert_allclose(y[:, [0, 2]], train_ref[:, [0, 2]], rtol=1e-4, atol=1e-4)
+    # the empty feature's running statistics are left as they were
+    assert float(new["mean"][1]) == -1.0 and float(new["var"][1]) == 4.0
+    gx = jax.grad(lambda x: jnp.sum(jaxbn.bn_apply(params, state, x, True, mask=mask)[0]))(x)
+    assert np.all(np.isfinite(gx))
+
+
+def test_clean_under_rank_promotion_raise():
+    """Flax's CI runs with jax_numpy_rank_promotion='raise'; so must every jaxbn path."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 2, 5, F)).astype(np.float32)
+    mask = rng.random((4, 2, 5)) < 0.7
+    params = _params()
+    _, state = jaxbn.bn_init(F)
+    with jax.numpy_rank_promotion("raise"):
+        def dev(x, m):
+            y, new = jaxbn.bn_apply(params, state, x, True, axis_name="d", mask=m[..., None])
+            return y, new
+        f = jax.vmap(jax.grad(lambda x, m: jnp.sum(dev(x, m)[0] ** 2)), axis_name="d")
+        g = f(x, mask)
+        y, _ = jax.vmap(dev, axis_name="d")(x, mask)
+        jax.jvp(lambda x: jaxbn.bn_apply(params, state, x, True, mask=mask[0, :, :, None],
+                                         )[0],
+                (x[0],), (x[0],))
+    assert np.all(np.isfinite(g))
+    want = ref.bn_forward(x.reshape(-1, F), params["scale"], params["bias"],
+                          mask=mask.reshape(-1, 1))
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, F), want, rtol=1e-4, atol=1e-4)
+
+
+def _plain_bn64(x, scale, bias, mask=None, eps=1e-5):
+    """Plain float64 jnp BatchNorm (mask as weights), differentiable in every mode by JAX."""
+    w = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+    n = w.sum(0)
+    mean = (w * x).sum(0) / n
+    var = (w * (x - mean) ** 2).sum(0) / n
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_mode_matches_plain_float64(masked):
+    rng = np.random.default_rng(5)
+    x = rng.normal(1.0, 2.0, (6, F))
+    mask = (rng.random((6, 1)) < 0.7) if masked else None
+    with jax.enable_x64(True):
+        p = {k: v.astype(jnp.float64) for k, v in _params().items()}
+        _, state = jaxbn.bn_init(F, stats_dtype=jnp.float64)
+        x64 = jnp.asarray(x)
+
+        def ours(x, p):
+            return jaxbn.bn_apply(p, state, x, True, mask=mask)[0]
+
+        def plain(x, p):
+            return _plain_bn64(x, p["scale"], p["bias"], mask)
+
+        tangent = (jnp.asarray(rng.normal(size=x.shape)),
+                   jax.tree.map(lambda a: jnp.ones_like(a) * 0.3, p))
+        for a, b in zip(jax.jvp(ours, (x64, p), tangent), jax.jvp(plain, (x64, p), tangent),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(jax.jacfwd(ours)(x64, p), jax.jacfwd(plain)(x64, p),
+                                   rtol=1e-10, atol=1e-10)
+        _, lin = jax.linearize(ours, x64, p)
+        _, lin_ref = jax.linearize(plain, x64, p)
+        np.testing.assert_allclose(lin(*tangent), lin_ref(*tangent), rtol=1e-10, atol=1e-10)
+
+        def cubic(fn):
+            return lambda x: jnp.sum(fn(x, p) ** 3)
+
+        np.testing.assert_allclose(jax.hessian(cubic(ours))(x64), jax.hessian(cubic(plain))(x64),
+                                   rtol=1e-8, atol=1e-8)
+        check_grads(ours, (x64, p), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_reverse_mode_saves_only_the_input(dtype):
+    """Residuals: x itself (1x its bytes) and per-feature vectors, whatever the dtype."""
+    x = jnp.ones((16, 4, 4, 8), dtype)
+    params, state = jaxbn.bn_init(8)
+
+    def f(x, p):
+        return jaxbn.bn_apply(p, state, x, True)[0]
+
+    _, vjp_fn = jax.vjp(f, x, params)  # a pytree whose leaves are what reverse mode keeps
+    saved = [leaf for leaf in jax.tree.leaves(vjp_fn) if hasattr(leaf, "size")]
+    big = [a for a in saved if a.size > 8]
+    assert sum(a.size * a.dtype.itemsize for a in big) <= x.size * x.dtype.itemsize, [
+        (a.shape, a.dtype) for a in saved]
