@@ -8,8 +8,9 @@ What a Flax user does with BatchNorm, end to end, in one script:
   parameters replicated (``P()``), the batch split (``P("data")``), BatchNorm statistics
   synchronized over the ``"data"`` axis, so every device holds the same running statistics;
 - a checkpoint saved and restored with orbax-checkpoint;
-- inference with each BatchNorm folded into its convolution (``jaxbn.fold_linen``), checked
-  against the unfolded model.
+- inference with each BatchNorm folded into its convolution (``jaxbn.fold_linen``: the
+  convolution takes the scale, the bias-less convolution leaves the BatchNorm a per-feature
+  shift), checked against the unfolded model.
 
 Data: scikit-learn's bundled digits (8x8) by default; ``--dataset mnist --data-dir DIR`` reads
 the four MNIST idx files (28x28) from DIR. Writes ``results.json`` and ``checkpoint/`` under
@@ -133,8 +134,15 @@ def make_train_step(model: ResNet, tx: optax.GradientTransformation) -> Callable
     return step
 
 
-def make_optimizer(lr: float) -> optax.GradientTransformation:
-    return optax.sgd(lr, momentum=0.9)
+def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+    """SGD with momentum 0.9, the learning rate decaying from ``lr`` to 0 over ``steps``."""
+    return optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)), momentum=0.9)
+
+
+def total_steps(args: argparse.Namespace, n_train: int) -> int:
+    """Training steps of the run: whole global batches per epoch, capped by --max-steps."""
+    total = args.epochs * (n_train // args.batch_size)
+    return min(total, args.max_steps) if args.max_steps else total
 
 
 def data_parallel(step: Callable, mesh: jax.sharding.Mesh) -> Callable:
@@ -189,9 +197,7 @@ def fit(args: argparse.Namespace, data, split: NamedSharding,
     x_tr, y_tr, _, y_te = data
     rng = np.random.default_rng(args.seed)
     steps_per_epoch = len(x_tr) // args.batch_size
-    total = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total = min(total, args.max_steps)
+    total = total_steps(args, len(x_tr))
     history: dict[str, list[float]] = {"loss": [], "test_accuracy": []}
     done, t0 = 0, time.perf_counter()
     bar = tqdm(total=total, disable=args.no_progress, unit="step", desc=f"{name} {args.bn} BN")
@@ -224,7 +230,7 @@ def train(args: argparse.Namespace, data, devices) -> dict:
     mesh = jax.make_mesh((n_dev,), (AXIS,), devices=devices)
     model = ResNet(batchnorm_class(args.bn), args.width, args.blocks, axis_name=AXIS)
     variables = model.init(jax.random.key(args.seed), x_tr[:1], train=False)
-    tx = make_optimizer(args.lr)
+    tx = make_optimizer(args.lr, total_steps(args, len(x_tr)))
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     params, batch_stats = jax.device_put((variables["params"], variables["batch_stats"]),
                                          replicated)

@@ -32,7 +32,16 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from flax_resnet import AXIS, fit, main, make_optimizer, save_and_restore, summarize, trees_equal
+from flax_resnet import (
+    AXIS,
+    fit,
+    main,
+    make_optimizer,
+    save_and_restore,
+    summarize,
+    total_steps,
+    trees_equal,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -166,7 +175,8 @@ def train(args: argparse.Namespace, data, devices) -> dict:
     def build(seed: int) -> tuple[ResNet, nnx.Optimizer]:
         model = ResNet(batchnorm_class(args.bn), args.width, args.blocks,
                        in_channels=x_tr.shape[-1], axis_name=AXIS, rngs=nnx.Rngs(seed))
-        optimizer = nnx.Optimizer(model, make_optimizer(args.lr), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, make_optimizer(args.lr, total_steps(args, len(x_tr))),
+                                  wrt=nnx.Param)
         for node in (model, optimizer):
             nnx.update(node, jax.device_put(nnx.state(node), replicated))
         return model, optimizer

@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None, description: str,
     p.add_argument("--epochs", type=int, default=5, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=64,
                    help="global batch size, split evenly over the devices")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="initial SGD learning rate (momentum 0.9, cosine decay to 0)")
     p.add_argument("--width", type=int, default=16, help="channels of every convolution")
     p.add_argument("--blocks", type=int, default=2, help="residual blocks after the stem")
     p.add_argument("--devices", type=int, default=8,

@@ -1,4 +1,9 @@
-"""Test setup: 8 fake CPU devices before JAX starts, float64 references, shared helpers."""
+"""Test setup: 8 fake CPU devices before JAX starts, and the ``slow`` marker.
+
+``pytest -m "not slow"`` is the fast subset for development; CI runs everything. A test is
+slow when it takes more than a few seconds on 2 CPU cores (training smoke tests, subprocesses,
+large sweeps): mark it ``@pytest.mark.slow`` in its file, or list it in ``SLOW`` below.
+"""
 
 import os
 
@@ -10,6 +15,29 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Slow tests in files whose owners have not marked them yet: "file::test" (every
+# parametrization). Measured with `pytest --durations=40` on 2 shared CPU cores.
+SLOW = {
+    "tests/test_core.py::test_random_shapes_and_axes",
+    "tests/test_examples.py::test_none_vs_batch_smoke",
+    "tests/test_examples.py::test_vmap_ensemble_smoke",
+    "tests/test_examples.py::test_sync_bn_cnn_matches_single_device",
+    "tests/test_examples.py::test_sync_bn_cnn_smoke",
+    "tests/test_features.py::test_fold_linen_on_a_cnn",
+    "tests/test_flax_wrappers.py::test_linen_cnn_trains_like_flax",
+    "tests/test_flax_wrappers.py::test_nnx_optimizer_jit_trains_like_flax",
+    "tests/test_flax_wrappers.py::test_nnx_vmap_and_scan",
+    "tests/test_sync.py::test_vmap_with_local_batch_and_uneven_masks",
+    "tests/test_sync.py::test_vmap_without_local_batch_axis",
+    "tests/test_sync.py::test_nested_axis_names_under_vmap",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

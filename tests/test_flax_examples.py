@@ -38,7 +38,7 @@ def test_linen_sync_step_equals_flax_full_batch(devices):
     """One shard_map step over 8 devices with jaxbn's BatchNorm equals one single-device step
     on the whole batch with flax.linen.BatchNorm (the reference): parameters and statistics."""
     x, y = _batch()
-    tx = flax_resnet.make_optimizer(0.1)
+    tx = flax_resnet.make_optimizer(0.1, 10)
     ours = flax_resnet.ResNet(flax_resnet.batchnorm_class("jaxbn"), 4, 1, axis_name="data")
     ref = flax_resnet.ResNet(nn.BatchNorm, 4, 1)
     v = ref.init(jax.random.key(0), x[:1], train=False)
@@ -62,7 +62,7 @@ def test_nnx_sync_step_equals_flax_full_batch(devices):
 
     def build(norm, axis_name):
         model = flax_resnet_nnx.ResNet(norm, 4, 1, axis_name=axis_name, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, flax_resnet.make_optimizer(0.1), wrt=nnx.Param)
+        return model, nnx.Optimizer(model, flax_resnet.make_optimizer(0.1, 10), wrt=nnx.Param)
 
     ours, ours_opt = build(flax_resnet_nnx.batchnorm_class("jaxbn"), "data")
     ref, ref_opt = build(nnx.BatchNorm, None)
