@@ -240,7 +240,6 @@ def test_nnx_one_example_under_vmap_jit_and_tabulate_like_flax():
 # ----------------------------------------------------------------------------- D: rank promotion
 
 
-@pytest.mark.xfail(strict=False, reason="core fix pending (rank promotion in moments)")
 def test_axis_name_under_rank_promotion_raise_like_flax():
     x = _x((4, 5, 3))
     with jax.numpy_rank_promotion("raise"):
@@ -389,7 +388,6 @@ def test_nnx_equals_linen_bit_for_bit_and_flax_within_rounding(dtype, param_dtyp
 # ----------------------------------------------------------------------------- J: empty feature
 
 
-@pytest.mark.xfail(strict=False, reason="core fix pending (empty feature under a mask)")
 def test_feature_without_valid_element_keeps_running_statistics():
     x = _x((10, 5))
     per_feature = jnp.array([True, False, True, False, True])  # features 1 and 3: no element
