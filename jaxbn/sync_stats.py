@@ -24,6 +24,13 @@ Two exact methods, chosen by the static number of devices ``D`` in a group:
 ``"two_rounds"`` is ``"reduce"`` with the second round always executed (no conditional:
 for backends where a data-dependent branch costs a host synchronization).
 
+The shift must be the same, bit for bit, on every device of a group (the running mean of a
+layer whose every step was synchronized is; :func:`warm_shift` divides out its zero start).
+Under ``shard_map`` a shift typed as varying is ignored; under ``pmap``/``vmap`` it cannot be
+checked. For plain ``jit`` over a sharded batch (no axis name), :func:`shifted_moments` takes
+the same sums about the shift over the whole array in one pass (one all-reduce, inserted by
+XLA) and :func:`batch_may_be_sharded` says when to use it.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jaxbn.moments import Moments
