@@ -52,7 +52,7 @@ def test_bad_idx_file(tmp_path):
 
 def test_none_vs_batch_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "none_vs_batch.py"), "--epochs", "2",
-           "--out", str(tmp_path), "--no-progress", "--sweep", "batch_size"]
+           "--out", str(tmp_path), "--no-progress", "--sweep", "batch_size", "--sweep-epochs", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "none_vs_batch.json").read_text())
