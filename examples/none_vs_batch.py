@@ -42,7 +42,7 @@ CLAIM_SWEEPS = {
     "gradients": "vanishing/exploding gradients: per-layer gradient norms of a 20-layer sigmoid "
                  "net and a 20-layer tanh net with N(0, 0.5) weights",
     "dropout": "regularization: train-test gap of none, batch, none+dropout, batch+dropout on a "
-               "small training subset (--subset), 3 seeds",
+               "small training subset (--subset), several seeds (--seeds)",
     "shift": "non-stationary data: the base models on shifted test sets; BN's statistics "
              "re-estimated on unlabeled shifted training images (AdaBN)",
     "cnn": "a small CNN (2 convolutions, BN after each), none vs batch",
