@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import checks, collectives, ghost, moments, running
+from jaxbn import checks, collectives, complex_bn, ghost, moments, running
 from jaxbn.layout import Axis, Layout, as_features, make_layout
 from jaxbn.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 
@@ -120,6 +120,12 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
       True [1. 1. 1. 1.]
       >>> y_eval, _ = jaxbn.bn_apply(params, state, x, train=False)
     """
+    if hasattr(x, "dtype") and jnp.iscomplexobj(x):  # a variant of its own (plain jnp)
+        return complex_bn.complex_bn_apply(
+            params, state, x, train, axis=axis, momentum=momentum, epsilon=epsilon,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+            unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size,
+            renorm=renorm, skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value)
     checks.check_input(x)
     checks.check_train_flag(train)
     checks.check_params(params)

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn.complex_bn import complex_bn_apply
 from jaxbn.core import bn_apply
 
 
@@ -81,8 +80,8 @@ def apply_core(x, params: dict, state: dict, train: bool, *, axis, momentum, eps
     non-boolean mask is cast to bool, and complex input is normalized (``jaxbn.complex_bn``).
     """
     def call(xx):
-        fn = complex_bn_apply if jnp.iscomplexobj(xx) else bn_apply
-        return fn(params, state, xx, train, axis=axis, momentum=momentum, epsilon=epsilon,
-                  axis_name=axis_name, axis_index_groups=axis_index_groups,
-                  mask=as_bool_mask(mask), allow_single_value=True, **extras._asdict())
+        return bn_apply(params, state, xx, train, axis=axis, momentum=momentum,
+                        epsilon=epsilon, axis_name=axis_name,
+                        axis_index_groups=axis_index_groups, mask=as_bool_mask(mask),
+                        allow_single_value=True, **extras._asdict())
     return run_in_dtype(x, out_dtype, call)

@@ -38,6 +38,8 @@ def _cast(old: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
 def ema(old: jax.Array, batch: jax.Array, momentum) -> jax.Array:
     """Flax's convention: ``momentum * old + (1 - momentum) * batch``, in :func:`update_dtype`."""
     old, batch = _cast(old, batch)
+    if isinstance(momentum, (int, float)):  # 1 - m in double precision, then rounded once
+        return jnp.asarray(momentum, old.dtype) * old + jnp.asarray(1 - momentum, old.dtype) * batch
     m = jnp.asarray(momentum, old.dtype)
     return m * old + (1 - m) * batch
 
