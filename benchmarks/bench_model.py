@@ -165,12 +165,17 @@ def build(norm: str, dtype, placement: str, args, n_dev: int):
     return fn, (*jax.device_put(state, rep), *jax.device_put((x, y), split))
 
 
-def measure(dtype_name: str, placement: str, args, rounds: int, bandwidth: float) -> dict:
-    """Both norms of one configuration: static figures, then interleaved step timing."""
+def measure(dtype_name: str, placement: str, args, rounds: int, bandwidth: dict) -> dict:
+    """Both norms of one configuration: static figures, then interleaved step timing. Where the
+    bandwidth is measured (CPU), a streaming copy joins every round and raises it to the best
+    copy seen (a busy moment at the start must not lower the floor)."""
     n_dev = min(args.devices, jax.device_count()) if placement == "shard_map" else 1
     dtype = jnp.dtype(dtype_name)
     row: dict = {"dtype": dtype_name, "placement": placement, "devices": n_dev, "norms": {}}
-    calls = {}
+    buf = jnp.ones((16 * 2**20,), jnp.float32)  # 64 MiB
+    copy = jax.jit(lambda x: x * 2.0)
+    jax.block_until_ready(copy(buf))
+    calls = {"copy": lambda: copy(buf)}
     for norm in NORMS:
         fn, a = build(norm, dtype, placement, args, n_dev)
         compiled = fn.lower(*a).compile()  # timed as it is: one compilation per step
@@ -185,13 +190,14 @@ def measure(dtype_name: str, placement: str, args, rounds: int, bandwidth: float
         jax.block_until_ready(compiled(*a))
         calls[norm] = lambda c=compiled, a=a: c(*a)
     times = common.interleaved(calls, rounds)
-    floor_s = row["norms"]["flax"]["bytes_accessed"] / bandwidth
+    if bandwidth["source"].startswith("measured"):
+        bandwidth["bytes_per_s"] = max(bandwidth["bytes_per_s"],
+                                       2 * buf.nbytes / float(np.min(times["copy"])))
     row["flax_spread"] = common.relative_spread(times["flax"])
     row["ratio"] = common.summarize(times["jaxbn"], times["flax"])
     for norm in NORMS:
         d = row["norms"][norm]
         d["ms"] = float(np.median(times[norm]) * 1e3)
-        d["vs_floor"] = float(np.median(times[norm]) / floor_s)
     row["temp_ratio"] = row["norms"]["jaxbn"]["temp_bytes"] / max(
         row["norms"]["flax"]["temp_bytes"], 1)
     return row
@@ -237,8 +243,13 @@ def run(args: argparse.Namespace) -> dict:
     for dtype_name in args.dtypes.split(","):
         for placement in args.placements.split(","):
             print(f"measuring {dtype_name} {placement} ...", flush=True)
-            res["rows"].append(measure(dtype_name, placement, args, rounds,
-                                       res["bandwidth"]["bytes_per_s"]))
+            res["rows"].append(measure(dtype_name, placement, args, rounds, res["bandwidth"]))
+    if res["bandwidth"]["source"].startswith("measured"):
+        res["bandwidth"]["source"] += "; and the best 64 MiB copy, timed in every round"
+    for r in res["rows"]:  # against the final (highest) bandwidth
+        floor_s = r["norms"]["flax"]["bytes_accessed"] / res["bandwidth"]["bytes_per_s"]
+        for d in r["norms"].values():
+            d["vs_floor"] = d["ms"] * 1e-3 / floor_s
     res["noise"] = common.noise_verdict(
         {f"{r['dtype']} {r['placement']}": r["flax_spread"] for r in res["rows"]},
         args.noise_threshold)
