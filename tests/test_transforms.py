@@ -306,22 +306,26 @@ def _reference(option: str, groups: int, ghost: int) -> dict:
     return ref.in_float64(_jit(_all(TRANSFORMS, fns)))(args)
 
 
-_RESULTS: dict[tuple[str, str], dict] = {}
+# Transforms compiled together (one function per mode, option and tier); the heavy tier's
+# second-order and scanned programs take most of the compile time.
+HEAVY = ("gradgrad", "hvp", "scan")
+LIGHT = tuple(t for t in TRANSFORMS if t not in HEAVY)
+_RESULTS: dict[tuple, dict] = {}
 
 
-def _results(mode_name: str, option: str, wrap: Callable | None = None,
-             transform: str | None = None) -> dict:
-    """jaxbn's result (or the exception it raised) for every transform of one mode and option.
+def _results(mode_name: str, option: str, transforms: tuple[str, ...],
+             wrap: Callable | None = None, shared: bool = True) -> dict:
+    """jaxbn's result (or the exception it raised) for ``transforms`` of one mode and option.
 
-    By default all transforms are compiled together, in one ``jit`` function shared by their
-    tests; when that fails, each runs on its own so that an error stays with its transform.
-    With ``wrap`` (a chex variant), only ``transform`` runs, wrapped by it.
+    ``shared``: the transforms are compiled together, in one function (``wrap``: ``jit`` or a
+    chex variant) whose results their tests share; when that fails, each runs on its own, so
+    an error stays with its transform. Otherwise each runs on its own, wrapped by ``wrap``.
     """
-    key = (mode_name, option)
-    if wrap is None and key in _RESULTS:
+    key = (mode_name, option, transforms) if shared and wrap is None else None
+    if key in _RESULTS:
         return _RESULTS[key]
     mode = MODES[mode_name]
-    transforms = TRANSFORMS if transform is None else (transform,)
+    wrap = _jit if wrap is None else wrap
     fns, args, results = {}, {}, {}
     for t in transforms:
         kw, params, state, mask = _inputs(t, option, mode.ghost)
@@ -331,8 +335,7 @@ def _results(mode_name: str, option: str, wrap: Callable | None = None,
             args[t] = (params, state, mode.put(X), mode.put(mask, features=False),
                        _consts(mode.put, t, option))
     with mode.context():
-        if wrap is None:
-            wrap = _jit
+        if shared:
             try:
                 results.update(jax.block_until_ready(wrap(_all(transforms, fns))(args)))
             except Exception:  # noqa: BLE001 - isolate the failing transform below
@@ -343,7 +346,7 @@ def _results(mode_name: str, option: str, wrap: Callable | None = None,
                     results[t] = jax.block_until_ready(wrap(fns[t])(*args[t]))
                 except Exception as e:  # noqa: BLE001 - reported by the test of ``t``
                     results[t] = e
-    if transform is None:
+    if key is not None:
         _RESULTS[key] = results
     return results
 
@@ -353,10 +356,12 @@ def _spec(a) -> tuple:
     return spec + (None,) * (a.ndim - len(spec))
 
 
-def check_case(mode_name: str, transform: str, option: str, wrap: Callable | None = None) -> None:
+def check_case(mode_name: str, transform: str, option: str, wrap: Callable | None = None,
+               shared: bool = True) -> None:
     """Compares one case with the float64 reference (and checks shardings)."""
     mode = MODES[mode_name]
-    got = _results(mode_name, option, wrap, None if wrap is None else transform)[transform]
+    tier = HEAVY if transform in HEAVY else LIGHT
+    got = _results(mode_name, option, tier if shared else (transform,), wrap, shared)[transform]
     if isinstance(got, Exception):
         raise got
     if mode.explicit:
@@ -386,16 +391,16 @@ def check_case(mode_name: str, transform: str, option: str, wrap: Callable | Non
 # The matrix.
 
 SKIP: dict[tuple[str, str, str], str] = {}
-SLOW: set[tuple[str, str]] = set()
+# About a third of the time: the heavy tier with the options other than plain and mask.
+SLOW_OPTIONS = ("momentum_none", "renorm", "ghost", "precise")
 
 
 def _cases():
     for mode in MODES:
-        if mode == "none":
-            continue  # chex variants below
         for option in OPTIONS:
-            for transform in TRANSFORMS:
-                marks = [pytest.mark.slow] if (mode, option) in SLOW else []
+            for transform in HEAVY if mode == "none" else TRANSFORMS:  # chex variants below
+                slow = transform in HEAVY and option in SLOW_OPTIONS
+                marks = [pytest.mark.slow] if slow else []
                 reason = SKIP.get((mode, transform, option))
                 if reason:
                     marks.append(pytest.mark.skip(reason=reason))
@@ -409,9 +414,13 @@ def test_matrix(mode: str, transform: str, option: str) -> None:
 
 
 class NoSyncTest(chex.TestCase):
-    """No synchronization, with and without ``jit`` (chex variants)."""
+    """No synchronization, with and without ``jit`` (chex variants): the first-order tier.
+
+    The heavy tier runs (under ``jit``) in ``test_matrix``: op-by-op dispatch of second-order
+    and scanned programs costs seconds and tests nothing more.
+    """
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(option=OPTIONS, transform=TRANSFORMS)
+    @parameterized.product(option=OPTIONS, transform=LIGHT)
     def test_matrix(self, option: str, transform: str) -> None:
-        check_case("none", transform, option, self.variant)
+        check_case("none", transform, option, self.variant, shared=False)
