@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import checks, collectives, complex_bn, ghost, moments, running
+from jaxbn import checks, collectives, complex_bn, ghost, moments, running, sync_stats
 from jaxbn.layout import Axis, Layout, as_features, make_layout
 from jaxbn.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 
@@ -171,7 +171,9 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
     if renorm is not None:
         rn = Renorm(running_mean, running_var, jnp.asarray(renorm[0], dt),
                     jnp.asarray(renorm[1], dt))
-    fallback = None if mask is None else Fallback(running_mean, running_var)
+    updates = state.get("count") if momentum is not None and "seen" not in state else None
+    shift = lax.stop_gradient(sync_stats.warm_shift(running_mean, updates, momentum))
+    fallback = Fallback(running_mean, running_var, shift)
     cfg = TrainConfig(work_layout, stats_axis_name, groups, float(epsilon))
     y, mean, var, count = train_normalize(cfg, work_x, work_mask, scale_b, bias_b, rn, fallback)
     y = ghost.merge(y, x) if lead else y

@@ -143,7 +143,8 @@ def combine_across(local: Moments, axis_name, groups) -> Moments:
     parts = [local.m0, local.corr, local.m2]
     static = isinstance(local.count, int)  # the same on every device: nothing to send
     if not static:
-        parts.append(jnp.broadcast_to(local.count, local.m0.shape).astype(local.m0.dtype))
+        # an add, not broadcast_to, so the count takes m0's sharding on an Explicit mesh
+        parts.append(jnp.zeros_like(local.m0) + local.count)
     gathered = collectives.gather_stacked(jnp.stack(parts), axis_name, groups)
     counts = jnp.full_like(gathered[:, 0], local.count) if static else gathered[:, 3]
     pooled = pool(counts, gathered[:, 0], gathered[:, 1], gathered[:, 2])

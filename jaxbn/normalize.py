@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import collectives, moments
+from jaxbn import collectives, moments, running, sync_stats
 from jaxbn.layout import Layout
 
 
@@ -69,6 +69,7 @@ class Fallback(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
+    shift: jax.Array | None = None  # per-feature value every device agrees on (sync_stats)
 
 
 class _Stats(NamedTuple):
@@ -84,16 +85,21 @@ class _Stats(NamedTuple):
 
 def _statistics(cfg: TrainConfig, x, mask, renorm: Renorm | None, fallback: Fallback | None):
     """Batch (mean, var, count) for the running update, and the normalization's _Stats."""
-    m = moments.local_moments(x, mask, cfg.layout)
-    if cfg.axis_name is not None:
-        m = moments.combine_across(m, cfg.axis_name, cfg.groups)
+    shift = None if fallback is None else fallback.shift
+    if cfg.axis_name is None and sync_stats.batch_may_be_sharded(x, cfg.layout):
+        m = sync_stats.shifted_moments(x, mask, cfg.layout, shift, cfg.epsilon)
+    else:
+        m = moments.local_moments(x, mask, cfg.layout)
+        if cfg.axis_name is not None:
+            m = sync_stats.combine_across(m, cfg.axis_name, cfg.groups, shift=shift,
+                                          epsilon=cfg.epsilon)
     mean, var, count = moments.finalize(m)
     m0, corr, norm_var = m.m0, m.corr, var
     if fallback is not None and not isinstance(m.count, int):
-        empty = m.count == 0
-        m0 = jnp.where(empty, fallback.mean.astype(m0.dtype), m0)
-        corr = jnp.where(empty, 0, corr)
-        norm_var = jnp.where(empty, fallback.var.astype(var.dtype), var)
+        seen = m.count > 0  # selects that keep the batch statistics' sharding
+        m0 = running.keep_where(seen, m0, fallback.mean)
+        corr = running.keep_where(seen, corr, jnp.zeros((), corr.dtype))
+        norm_var = running.keep_where(seen, var, fallback.var)
     invstd = lax.rsqrt(norm_var + cfg.epsilon)
     r = d = None
     if renorm is not None:
