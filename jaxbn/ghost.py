@@ -35,7 +35,7 @@ def explicit_spec(x: jax.Array) -> tuple | None:
     """``x``'s partition spec (one entry per axis) when it is sharded on an Explicit mesh."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not getattr(mesh, "_any_axis_explicit", False):
+    if sharding is None or mesh is None or not getattr(mesh, "_any_axis_explicit", False):
         return None
     spec = tuple(sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))

@@ -38,7 +38,7 @@ class Moments(NamedTuple):
     array broadcastable to ``m0``.
     """
 
-    count: jax.Array | int
+    count: jax.Array | int  # type: ignore[assignment]  # (shadows tuple.count on purpose)
     m0: jax.Array
     corr: jax.Array
     m2: jax.Array

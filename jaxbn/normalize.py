@@ -78,7 +78,7 @@ class _Stats(NamedTuple):
     m0: jax.Array  # the mean used for x is m0 + corr (two floats)
     corr: jax.Array
     invstd: jax.Array
-    count: jax.Array | int
+    count: jax.Array | int  # type: ignore[assignment]  # (shadows tuple.count on purpose)
     r: jax.Array | None  # renorm factors (constants), or None
     d: jax.Array | None
 
@@ -115,7 +115,7 @@ def _affine(st: _Stats, scale, bias):
     dt = st.invstd.dtype
     mult = st.invstd if scale is None else st.invstd * scale.astype(dt)
     shift = jnp.zeros((), dt) if bias is None else bias.astype(dt)
-    if st.r is not None:
+    if st.r is not None and st.d is not None:
         mult = mult * st.r
         shift = shift + (st.d if scale is None else st.d * scale.astype(dt))
     return mult, shift

@@ -225,7 +225,7 @@ def batch_may_be_sharded(x: jax.Array, layout: Layout) -> bool:
     """
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not mesh.axis_names:
+    if sharding is None or mesh is None or not mesh.axis_names:
         return False
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
