@@ -31,6 +31,19 @@ SLOW = {
     "tests/test_sync.py::test_vmap_with_local_batch_and_uneven_masks",
     "tests/test_sync.py::test_vmap_without_local_batch_axis",
     "tests/test_sync.py::test_nested_axis_names_under_vmap",
+    "tests/test_sync.py::test_single_example_per_device_needs_no_local_batch",
+    "tests/test_examples.py::test_gradients_sweep_smoke",
+    "tests/test_examples.py::test_layer_grad_norms_match_closed_form",
+    "tests/test_examples.py::test_cnn_bn_state_per_channel",
+    "tests/test_examples.py::test_dropout_only_in_training",
+    "tests/test_examples.py::test_adabn_reestimates_first_layer_statistics",
+    "tests/test_benchmarks.py::test_bench_bn_quick_reports_spreads_and_collectives",
+    "tests/test_numerics.py::test_forward_mode_matches_plain_float64",
+    "tests/test_numerics.py::test_clean_under_rank_promotion_raise",
+    "tests/test_numerics.py::test_feature_without_valid_element_uses_running_statistics",
+    "tests/test_flax_dropin.py::test_axis_name_under_rank_promotion_raise_like_flax",
+    "tests/test_flax_dropin.py::test_complex_synchronized_over_axis_name_like_flax",
+    "tests/test_flax_dropin.py::test_complex_gradients_match_flax",
 }
 
 
