@@ -104,7 +104,7 @@ def test_skip_nonfinite():
 
 
 def test_features_with_axis_name_match_full_batch():
-    """Cumulative + unbiased + renorm + ghost batches (per device), synced over 4 vmapped devices."""
+    """Cumulative + unbiased + renorm + per-device ghost batches, synced over 4 vmapped devices."""
     xs = _batches(k=4, n=8, seed=3)  # 4 devices x 8 examples
     params, state = jaxbn.bn_init(F)
     state = dict(state, mean=jnp.full(F, 2.0), var=jnp.full(F, 3.0))

@@ -180,3 +180,33 @@ def test_reverse_mode_saves_only_the_input(dtype):
     big = [a for a in saved if a.size > 8]
     assert sum(a.size * a.dtype.itemsize for a in big) <= x.size * x.dtype.itemsize, [
         (a.shape, a.dtype) for a in saved]
+
+
+def test_forward_mode_through_the_flax_wrappers_matches_flax():
+    """jvp through jaxbn.linen and jaxbn.nnx in training mode equals Flax's own (plain jnp)."""
+    import flax.linen as nn
+    from flax import nnx
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (8, F)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(8, F)), jnp.float32)
+    ours = jaxbn.linen.BatchNorm(use_running_average=False, use_fast_variance=False)
+    theirs = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+    v = theirs.init(jax.random.key(0), x)
+
+    def call(mod):
+        return lambda x: mod.apply(v, x, mutable=["batch_stats"])[0]
+
+    want = jax.jvp(call(theirs), (x,), (t,))
+    got = jax.jvp(call(ours), (x,), (t,))
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jacfwd(call(ours))(x), jax.jacfwd(call(theirs))(x),
+                               rtol=1e-4, atol=1e-4)
+
+    def nnx_jvp(cls):
+        graphdef, state = nnx.split(cls(F, use_fast_variance=False, rngs=nnx.Rngs(0)))
+        zeros = jax.tree.map(jnp.zeros_like, state)
+        return jax.jvp(lambda x, s: nnx.merge(graphdef, s)(x), (x, state), (t, zeros))[1]
+
+    np.testing.assert_allclose(nnx_jvp(jaxbn.nnx.BatchNorm), nnx_jvp(nnx.BatchNorm),
+                               rtol=1e-4, atol=1e-4)

@@ -19,9 +19,8 @@ import jaxbn
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 # Third-party warnings the blocks may trigger and jaxbn cannot fix; keep in step with the
-# filterwarnings of pyproject.toml.
-# TEMPORARY: jaxbn/nnx.py still calls the method Flax 0.12 deprecates (nnx.iter_modules(m)).
-ALLOWED_WARNINGS = ["ignore:The 'm.iter_modules()' method is deprecated:DeprecationWarning"]
+# filterwarnings of pyproject.toml (none today).
+ALLOWED_WARNINGS: list[str] = []
 
 
 def python_blocks(text: str) -> list[tuple[str, str]]:
