@@ -116,7 +116,8 @@ def _vmapped_on_explicit_mesh(names: tuple[Hashable, ...]) -> bool:
     """
     mesh = jax.sharding.get_abstract_mesh()
     explicit = getattr(mesh, "_any_axis_explicit", False)
-    return bool(explicit) and any(n not in mesh.axis_names for n in names)
+    manual = getattr(mesh, "manual_axes", ())  # names bound by shard_map or pmap
+    return bool(explicit) and any(n not in manual for n in names)
 
 
 def _grouped(fn, value, names, groups):

@@ -37,7 +37,8 @@ def _fold(kernel, bias, params, state, epsilon):
     if "bias" in params:
         new_bias = new_bias + params["bias"].astype(dt)
     out_bias_dtype = kernel.dtype if bias is None else bias.dtype
-    return (kernel.astype(dt) * a).astype(kernel.dtype), new_bias.astype(out_bias_dtype)
+    a_kernel = a.reshape((1,) * (kernel.ndim - 1) + (feats,))  # explicit: no rank promotion
+    return (kernel.astype(dt) * a_kernel).astype(kernel.dtype), new_bias.astype(out_bias_dtype)
 
 
 def fold_dense(kernel: jax.Array, bias: jax.Array | None, params: Mapping, state: Mapping,

@@ -58,3 +58,20 @@ def devices():
     devs = jax.devices()
     assert len(devs) >= 8, "tests need 8 fake CPU devices"
     return devs[:8]
+
+
+# The library is held to Flax's CI setting (JAX_NUMPY_RANK_PROMOTION=raise in .ci/run). The
+# example and benchmark programs are user code built on the public API, written in ordinary
+# NumPy style: their tests run them with rank promotion allowed (in this process and in the
+# subprocesses they start).
+USER_CODE_TESTS = ("test_examples.py", "test_flax_examples.py", "test_benchmarks.py")
+
+
+@pytest.fixture(autouse=True)
+def _user_code_may_promote_ranks(request, monkeypatch):
+    if request.node.path.name not in USER_CODE_TESTS:
+        yield
+        return
+    monkeypatch.setenv("JAX_NUMPY_RANK_PROMOTION", "allow")
+    with jax.numpy_rank_promotion("allow"):
+        yield

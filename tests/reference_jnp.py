@@ -58,10 +58,12 @@ def in_float64(fn: Callable) -> Callable:
     """Runs ``fn`` under a local ``jax.enable_x64(True)`` with float leaves cast to float64.
 
     Positional and keyword array arguments are converted; results come back as NumPy arrays.
+    The reference is plain NumPy-style code: it may broadcast by rank (CI runs jaxbn with
+    ``JAX_NUMPY_RANK_PROMOTION=raise``, which is jaxbn's contract, not the reference's).
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with jax.enable_x64(True):
+        with jax.enable_x64(True), jax.numpy_rank_promotion("allow"):
             args = tuple(None if a is None else _as64(a) for a in args)
             kwargs = {k: v if k not in ("mask", "renorm") or v is None else _as64(v)
                       for k, v in kwargs.items()}

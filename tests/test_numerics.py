@@ -125,10 +125,10 @@ def test_clean_under_rank_promotion_raise():
 def _plain_bn64(x, scale, bias, mask=None, eps=1e-5):
     """Plain float64 jnp BatchNorm (mask as weights), differentiable in every mode by JAX."""
     w = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
-    n = w.sum(0)
-    mean = (w * x).sum(0) / n
-    var = (w * (x - mean) ** 2).sum(0) / n
-    return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+    n = w.sum(0, keepdims=True)
+    mean = (w * x).sum(0, keepdims=True) / n
+    var = (w * (x - mean) ** 2).sum(0, keepdims=True) / n
+    return (x - mean) / jnp.sqrt(var + eps) * scale[None] + bias[None]
 
 
 @pytest.mark.parametrize("masked", [False, True])
