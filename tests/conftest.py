@@ -65,13 +65,20 @@ def devices():
 # NumPy style: their tests run them with rank promotion allowed (in this process and in the
 # subprocesses they start).
 USER_CODE_TESTS = ("test_examples.py", "test_flax_examples.py", "test_benchmarks.py")
+_RANK_PROMOTION = os.environ.get("JAX_NUMPY_RANK_PROMOTION", "allow")
 
 
-@pytest.fixture(autouse=True)
-def _user_code_may_promote_ranks(request, monkeypatch):
-    if request.node.path.name not in USER_CODE_TESTS:
-        yield
-        return
-    monkeypatch.setenv("JAX_NUMPY_RANK_PROMOTION", "allow")
-    with jax.numpy_rank_promotion("allow"):
-        yield
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture (module-scoped ones included) of a user-code test is set up."""
+    if item.path.name in USER_CODE_TESTS:
+        os.environ["JAX_NUMPY_RANK_PROMOTION"] = "allow"
+        jax.config.update("jax_numpy_rank_promotion", "allow")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if item.path.name in USER_CODE_TESTS and (nextitem is None or
+                                              nextitem.path.name not in USER_CODE_TESTS):
+        os.environ["JAX_NUMPY_RANK_PROMOTION"] = _RANK_PROMOTION
+        jax.config.update("jax_numpy_rank_promotion", _RANK_PROMOTION)
