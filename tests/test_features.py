@@ -189,7 +189,8 @@ def test_fold_dense_and_conv_match_eval_bn():
     kf, bf = jaxbn.fold_conv(ck, None, params, state)
     want = ref.bn_eval(np.asarray(conv(img, ck), np.float64), params["scale"], params["bias"],
                        state["mean"], state["var"])
-    np.testing.assert_allclose(conv(img, kf) + bf, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(conv(img, kf) + bf.reshape(1, 1, 1, -1), want, rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_fold_linen_on_a_cnn():
