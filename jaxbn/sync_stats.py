@@ -195,6 +195,7 @@ def _reduced(local, axis_name, groups, shift, size, epsilon, *, always_two):
         t1, t2 = collectives.sum_over(_shifted_sums(local, k2), axis_name, groups)
         return k2, t1, t2
 
+    k = k + jnp.zeros_like(s1)  # the sums' sharding, so both branches agree (Explicit meshes)
     if always_two:
         k, s1, s2 = second_round(None)
     else:
@@ -281,6 +282,7 @@ def shifted_moments(x: jax.Array, mask: jax.Array | None, layout: Layout,
         return (k2, *sums(k2))
 
     s1, s2 = sums(k)
+    k = k + jnp.zeros_like(s1)  # the sums' sharding, so both branches agree (Explicit meshes)
     k, s1, s2 = lax.cond(second_round_needed(s1, s2, count, epsilon), second_pass,
                          lambda _: (k, s1, s2), None)
     corr = safe_div(s1, count)
