@@ -60,7 +60,11 @@ def normalize_groups(axis_index_groups: Sequence[Sequence[int]] | None) -> Group
 def varying_axes(x: jax.Array) -> frozenset:
     """The shard_map axes along which ``x`` varies (empty outside shard_map, or without
     check_vma)."""
-    aval = jax.typeof(x)
+    return varying_axes_of_aval(jax.typeof(x))
+
+
+def varying_axes_of_aval(aval) -> frozenset:
+    """``varying_axes`` of an abstract value."""
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
         return frozenset(mat.varying)

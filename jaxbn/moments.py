@@ -27,6 +27,7 @@ from jax import lax
 
 from jaxbn import collectives
 from jaxbn.layout import Layout
+from jaxbn.private_copies import fresh
 
 
 class Moments(NamedTuple):
@@ -100,19 +101,22 @@ def local_moments(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Momen
     """
     dt = stats_dtype(x.dtype)
     axes = layout.reduce_axes
-    xs = x.astype(dt)
     n: jax.Array | int
-    if mask is None:
+    if mask is None:  # each pass reads x itself (see ``private_copies``)
         n = layout.local_count
-        m0 = opaque(jnp.sum(xs, axis=axes, keepdims=True) / max(n, 1))
-        d = xs - m0
+        m0 = opaque(jnp.sum(x.astype(dt), axis=axes, keepdims=True) / max(n, 1))
+        x1, m1 = fresh(x, m0)
+        s1 = jnp.sum(x1.astype(dt) - m1, axis=axes, keepdims=True)
+        x2, m2 = fresh(x1, m1)
+        s2 = jnp.sum(jnp.square(x2.astype(dt) - m2), axis=axes, keepdims=True)
     else:
+        xs = x.astype(dt)
         mask = as_rank(mask, x.ndim)
         n = masked_count(mask, layout, dt)
         m0 = opaque(safe_div(jnp.sum(jnp.where(mask, xs, 0), axis=axes, keepdims=True), n))
         d = jnp.where(mask, xs - m0, 0)
-    s1 = jnp.sum(d, axis=axes, keepdims=True)
-    s2 = jnp.sum(d * d, axis=axes, keepdims=True)
+        s1 = jnp.sum(d, axis=axes, keepdims=True)
+        s2 = jnp.sum(d * d, axis=axes, keepdims=True)
     corr = safe_div(s1, n)
     m2 = jnp.maximum(s2 - s1 * corr, 0)
     return Moments(n, m0, corr, m2)

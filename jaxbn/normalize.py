@@ -15,6 +15,9 @@ their transpose is ONE all-reduce of the stacked sums (which also yields the gra
 replicated parameters under ``shard_map``), and the rule runs under ``jax.checkpoint`` so that
 reverse mode saves only ``x``, the mask and per-feature vectors (1x the input's bytes).
 
+On a CPU, each pass over ``x`` (and, in reverse mode, over the output's cotangent) reads its
+own copy (``private_copies``), so a bfloat16 layer makes no float32 copy of its input.
+
 Masked-out elements are padding: they never enter the statistics (only valid elements are
 selected, before any arithmetic), and a non-finite value there never meets a zero cotangent in
 a product, so with a loss that ignores the padding, every output, statistic and gradient at
@@ -42,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import collectives, moments, running, sync_stats
+from jaxbn import collectives, moments, private_copies, running, sync_stats
 from jaxbn.layout import Layout
 
 
@@ -121,9 +124,17 @@ def _affine(st: _Stats, scale, bias):
     return mult, shift
 
 
-def _centred(x, st: _Stats):
-    """``x - mean`` in the statistics dtype, with the mean subtracted as its two floats."""
-    return (x.astype(st.invstd.dtype) - st.m0) - st.corr
+def _scaled_deviation(x, m0, corr, factor):
+    """``(x - mean) * factor`` in the statistics dtype, the mean subtracted as its two floats."""
+    return ((x.astype(factor.dtype) - m0) - corr) * factor
+
+
+def _private_operands(x, st: _Stats, factor, mask):
+    """``(x, m0, corr, factor)``, as private copies (``private_copies.fresh``) when there is no
+    mask (a masked pass selects its elements first, which the library reductions do not fuse
+    either way)."""
+    operands = (x, st.m0, st.corr, factor)
+    return operands if mask is not None else private_copies.fresh(*operands)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -136,7 +147,7 @@ def train_normalize(cfg: TrainConfig, x, mask, scale, bias, renorm, fallback):
     """
     (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
     mult, shift = _affine(st, scale, bias)
-    y = (_centred(x, st) * mult + shift).astype(x.dtype)
+    y = (_scaled_deviation(*_private_operands(x, st, mult, mask)) + shift).astype(x.dtype)
     return y, mean, var, count
 
 
@@ -152,7 +163,8 @@ def _tangent(cfg: TrainConfig, x, mask, st: _Stats, scale, x_dot, scale_dot, bia
     """The linear map (dx, dscale, dbias) -> (dy, dmean, dvar); see the module docstring."""
     dt = st.invstd.dtype
     axes = cfg.layout.reduce_axes
-    xhat = _centred(x, st) * st.invstd
+    operands = _private_operands(x, st, st.invstd, mask)
+    xhat = _scaled_deviation(*operands)
     dx = x_dot.astype(dt)
     dx_valid = dx
     if mask is not None:
@@ -178,11 +190,15 @@ def _tangent(cfg: TrainConfig, x, mask, st: _Stats, scale, x_dot, scale_dot, bia
         if st.d is not None:
             const = const + st.d * s_dot
     coef = _vary_like(jnp.stack([const, slope]), x)
-    dy = mult * dx + coef[0] + xhat * coef[1]
+    if mask is None:  # dy's own copy of xhat (from the sums' copy: a distinct barrier)
+        xhat = _scaled_deviation(*private_copies.fresh(*operands))
+    # (mult * dx + coef[0] + xhat * coef[1]).astype(x.dtype); the transpose reads dy's
+    # cotangent in x.dtype once per term (see private_copies.cast_sum)
+    dy = private_copies.cast_sum([mult * dx, coef[0], xhat * coef[1]], x.dtype)
     sigma = 1.0 / st.invstd
     mean_dot = t[0] * inv_n
     var_dot = 2.0 * sigma * t[1] * inv_n
-    return dy.astype(x.dtype), mean_dot, var_dot
+    return dy, mean_dot, var_dot
 
 
 _checkpointed_tangent = jax.checkpoint(_tangent, static_argnums=(0,))
@@ -194,7 +210,7 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     x_dot, _, scale_dot, bias_dot, _, _ = tangents
     (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
     mult, shift = _affine(st, scale, bias)
-    y = (_centred(x, st) * mult + shift).astype(x.dtype)
+    y = (_scaled_deviation(*_private_operands(x, st, mult, mask)) + shift).astype(x.dtype)
     dy, mean_dot, var_dot = _checkpointed_tangent(cfg, x, mask, st, scale, x_dot, scale_dot,
                                                   bias_dot)
     mean_dot = jnp.broadcast_to(mean_dot, mean.shape).astype(mean.dtype)

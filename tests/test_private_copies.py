@@ -1,0 +1,181 @@
+"""``jaxbn.private_copies``: ``cast_sum`` (a linear primitive with its own transpose) against
+float64 NumPy in every transformation, its errors, and what it is for: a low-precision layer
+whose forward+backward needs no float32 copy of its input on a CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn.private_copies import cast_sum, fresh
+from tests import reference as ref
+
+RNG = np.random.default_rng(3)
+U = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+V = RNG.normal(size=(1, 1, 4)).astype(np.float32)
+W = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+CT = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+
+
+def _rounded(a, dtype):
+    """float64 ``a`` rounded to ``dtype`` (round to nearest even, as XLA's convert)."""
+    np_dtype = ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype)
+    return np.asarray(a, np.float64).astype(np_dtype).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("jit", [False, True])
+def test_value_transpose_and_jvp_match_float64(dtype, jit):
+    def f(u, v, w):
+        return cast_sum([u, v, w], dtype)
+
+    g = jax.jit(f) if jit else f
+    total = U.astype(np.float64) + V + W
+    # float32 sums: a few ulps of the largest term; then one rounding to dtype (a tie may round
+    # either way after the float32 sum: one ulp of dtype)
+    tol = dict(rtol=float(jnp.finfo(dtype).eps),
+               atol=4e-7 * float(np.max(np.abs(U) + np.abs(V) + np.abs(W))))
+    y = g(U, V, W)
+    assert y.dtype == dtype and y.shape == U.shape
+    np.testing.assert_allclose(np.asarray(y, np.float64), _rounded(total, dtype), **tol)
+    ct = jnp.asarray(CT, dtype)  # each term's cotangent: ct in float32, summed to its shape
+    ct64 = np.asarray(ct.astype(jnp.float32), np.float64)
+    tu, tv, tw = jax.linear_transpose(g, U, V, W)(ct)
+    np.testing.assert_array_equal(tu, ct64)
+    np.testing.assert_allclose(tv, ct64.sum(axis=(0, 1), keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(tw, ct64)
+    assert tu.dtype == tv.dtype == tw.dtype == jnp.float32
+    _, tangent = jax.jvp(g, (U, V, W), (W, V, U))
+    np.testing.assert_allclose(np.asarray(tangent, np.float64), _rounded(total, dtype), **tol)
+
+
+def test_vmap_of_batched_and_unbatched_terms_matches_float64():
+    us = RNG.normal(size=(5,) + U.shape).astype(np.float32)
+    vs = RNG.normal(size=(5,) + V.shape).astype(np.float32)
+    want = us.astype(np.float64) + V
+    got = jax.vmap(lambda u: cast_sum([u, V], jnp.float32))(us)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    got = jax.vmap(lambda v: cast_sum([U, v], jnp.float32))(vs)  # the full-shape term unbatched
+    np.testing.assert_allclose(got, U.astype(np.float64) + vs, rtol=1e-6)
+    got = jax.vmap(lambda u, v: cast_sum([u, v], jnp.float32), in_axes=(1, 0))(
+        np.moveaxis(us, 0, 1), vs)
+    np.testing.assert_allclose(got, us.astype(np.float64) + vs, rtol=1e-6)
+    # vmap of the gradient: each example's term gets its own summed cotangent
+    grads = jax.vmap(jax.grad(lambda v: jnp.sum(cast_sum([U, v], jnp.float32) * CT)))(vs)
+    np.testing.assert_allclose(grads, np.broadcast_to(
+        CT.astype(np.float64).sum(axis=(0, 1), keepdims=True), vs.shape), rtol=1e-6)
+
+
+def test_derivatives_of_every_order_match_the_closed_form():
+    """f(u) = sum(sin(u * u + v)): gradient cos(.) 2u, Hessian diagonal 2 cos(.) - 4u^2 sin(.)."""
+    u = U[0, 0]
+    v = V[0, 0]
+
+    def f(u):
+        return jnp.sum(jnp.sin(cast_sum([u * u, v], jnp.float32)))
+
+    a = u.astype(np.float64) ** 2 + v
+    np.testing.assert_allclose(jax.grad(f)(u), np.cos(a) * 2 * u, rtol=1e-5)
+    hess = np.diag(2 * np.cos(a) - 4 * u.astype(np.float64) ** 2 * np.sin(a))
+    for h in (jax.hessian(f), jax.jacfwd(jax.jacrev(f)), jax.jacrev(jax.jacrev(f)),
+              jax.jacfwd(jax.jacfwd(f))):
+        np.testing.assert_allclose(h(u), hess, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(jax.checkpoint(f))(u), np.cos(a) * 2 * u, rtol=1e-5)
+
+
+def test_shard_map_gradient_and_varying_terms(devices):
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    us = RNG.normal(size=(8, 3, 4)).astype(np.float32)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("b"), P()), out_specs=P())
+    def loss(u, v):
+        v = jax.lax.pcast(v, ("b",), to="varying")
+        return jax.lax.psum(jnp.sum(cast_sum([u, v], jnp.bfloat16).astype(jnp.float32) ** 2),
+                            "b")
+
+    with jax.set_mesh(mesh):
+        gu, gv = jax.jit(jax.grad(loss, (0, 1)))(us, V)
+    y = _rounded(us.astype(np.float64) + V, jnp.bfloat16)
+    y_ct = _rounded(2 * y, jnp.bfloat16)  # the cotangent reaches cast_sum in bfloat16
+    np.testing.assert_allclose(gu, y_ct, rtol=1e-6)
+    np.testing.assert_allclose(gv, y_ct.sum(axis=(0, 1), keepdims=True), rtol=1e-5)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("b"), P()), out_specs=P("b"))
+    def mixed(u, v):
+        return cast_sum([u, v], jnp.float32)
+
+    with pytest.raises(TypeError, match="vary over the same shard_map axes"):
+        jax.jit(mixed)(us, V)
+
+
+@pytest.mark.parametrize("terms, match", [
+    ([np.ones((2, 3), np.float32), np.ones((2, 4), np.float32)], "broadcast to the first"),
+    ([np.ones((2, 3), np.float32), np.ones((3,), np.float32)], "broadcast to the first"),
+    ([np.ones((2, 3), np.float32), np.ones((2, 3), np.float16)], "broadcast to the first"),
+])
+def test_terms_that_do_not_fit_raise(terms, match):
+    with pytest.raises(TypeError, match=match):
+        cast_sum(terms, jnp.float32)
+
+
+def test_fresh_copies_hold_the_same_values_under_jit():
+    a, b = jax.jit(lambda u, v: fresh(u, v))(U, V)
+    np.testing.assert_array_equal(a, U)
+    np.testing.assert_array_equal(b, V)
+
+
+def _fwd_bwd_temp_bytes(apply, params, x):
+    def out(p, x):
+        return apply(p, x)[0]
+
+    dy = jnp.ones(jax.eval_shape(out, params, x).shape, jax.eval_shape(out, params, x).dtype)
+    fwd_bwd = jax.jit(lambda p, x, dy: jax.vjp(out, p, x)[1](dy))
+    analysis = fwd_bwd.lower(params, x, dy).compile().memory_analysis()
+    return int(analysis.temp_size_in_bytes)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion rules")
+@pytest.mark.parametrize("shape", [(16, 8, 8, 32), (512, 64)])
+def test_low_precision_layer_makes_no_float32_copy_of_its_input(shape):
+    """Before: two float32 copies of a bfloat16 input (4x its bytes; Flax's one copy: 2x)."""
+    import flax.linen as nn
+
+    x = jnp.asarray(RNG.normal(3.0, 2.0, shape), jnp.bfloat16)
+    params, state = jaxbn.bn_init(shape[-1])
+    ours = _fwd_bwd_temp_bytes(lambda p, x: jaxbn.bn_apply(p, state, x, True), params, x)
+    mod = nn.BatchNorm(use_running_average=False)
+    v = mod.init(jax.random.key(0), x)
+    flax_temp = _fwd_bwd_temp_bytes(
+        lambda p, x: mod.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                               mutable=["batch_stats"]), v["params"], x)
+    assert ours < x.nbytes // 4, (ours, x.nbytes)
+    assert ours <= flax_temp, (ours, flax_temp)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+def test_low_precision_gradients_match_float64(dtype, tol):
+    """dx, dscale, dbias of sum(dy * y) for a low-precision input, under jit, against the closed
+    form in float64 on the values actually given."""
+    x = jnp.asarray(RNG.normal(3.0, 2.0, (32, 4, 5)), dtype)
+    dy = jnp.asarray(RNG.normal(size=(32, 4, 5)), dtype)
+    params, state = jaxbn.bn_init(5)
+    params = {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.zeros(5)}
+
+    def loss(x, p):
+        y = jaxbn.bn_apply(p, state, x, True)[0]
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    gx, gp = jax.jit(jax.grad(loss, (0, 1)))(x, params)
+    assert gx.dtype == dtype
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    dy64 = np.asarray(dy.astype(jnp.float32), np.float64)
+    dx, dscale, dbias = ref.bn_grads(x64, params["scale"], dy64)
+    scale = np.abs(dx).max()
+    np.testing.assert_allclose(np.asarray(gx, np.float64), dx, atol=tol * scale, rtol=tol)
+    np.testing.assert_allclose(gp["scale"], dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gp["bias"], dbias, rtol=1e-4, atol=1e-4)
