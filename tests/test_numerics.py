@@ -141,9 +141,11 @@ def test_forward_mode_matches_plain_float64(masked):
         _, state = jaxbn.bn_init(F, stats_dtype=jnp.float64)
         x64 = jnp.asarray(x)
 
+        @jax.jit  # compiled once per transform (op-by-op dispatch of check_grads: 30 s)
         def ours(x, p):
             return jaxbn.bn_apply(p, state, x, True, mask=mask)[0]
 
+        @jax.jit
         def plain(x, p):
             return _plain_bn64(x, p["scale"], p["bias"], mask)
 
