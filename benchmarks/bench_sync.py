@@ -51,14 +51,14 @@ def using(method: str):
     """Makes ``jaxbn.normalize`` combine with ``method`` while a function is traced."""
     from jaxbn import moments, sync_stats
 
-    original = moments.combine_across
+    original = moments.gather_and_pool
     if method != "gather":
-        moments.combine_across = lambda m, name, groups: sync_stats.combine_across(
+        moments.gather_and_pool = lambda m, name, groups: sync_stats.combine_across(
             m, name, groups, method=method)
     try:
         yield
     finally:
-        moments.combine_across = original
+        moments.gather_and_pool = original
 
 
 def precision(devices: int = 8, n: int = 32, f: int = 256) -> dict:

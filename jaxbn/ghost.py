@@ -28,17 +28,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxbn import collectives, moments
-from jaxbn.layout import Layout, make_layout
+from jaxbn.layout import Layout, make_layout, typed_sharding
 
 
 def explicit_spec(x: jax.Array) -> tuple | None:
     """``x``'s partition spec (one entry per axis) when it is sharded on an Explicit mesh."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if sharding is None or mesh is None or not getattr(mesh, "_any_axis_explicit", False):
+    typed = typed_sharding(x)
+    if typed is None or not getattr(typed[0], "_any_axis_explicit", False):
         return None
-    spec = tuple(sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
+    return typed[1]
 
 
 def _axis_devices(entry, mesh) -> int:
@@ -93,5 +91,5 @@ def pool(mean: jax.Array, var: jax.Array, count: jax.Array, *, exact: bool, axis
         return avg[0], avg[1], collectives.sum_over(count, axis_name, groups)
     m = moments.pool(count, mean, jnp.zeros_like(mean), var * count)
     if axis_name is not None:
-        m = moments.combine_across(m, axis_name, groups)
+        m = moments.gather_and_pool(m, axis_name, groups)
     return moments.finalize(m)

@@ -17,9 +17,21 @@ import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 Axis = int | Sequence[int]
+
+
+def typed_sharding(x) -> tuple[Any, tuple] | None:
+    """``(mesh, spec)`` of the sharding in ``x``'s type (the spec with one entry per axis), or
+    None when its type names no mesh with axes (outside any mesh, or a NumPy array)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if sharding is None or mesh is None or not mesh.axis_names:
+        return None
+    spec = tuple(sharding.spec)
+    return mesh, spec + (None,) * (len(x.shape) - len(spec))
 
 
 class Layout(NamedTuple):

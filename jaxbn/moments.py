@@ -139,8 +139,9 @@ def pool(counts: jax.Array, m0s: jax.Array, corrs: jax.Array, m2s: jax.Array) ->
     return Moments(total, ref[0], corr, m2)
 
 
-def combine_across(local: Moments, axis_name, groups) -> Moments:
-    """Combines per-device moments over the named devices with one all-gather (Chan's rule).
+def gather_and_pool(local: Moments, axis_name, groups) -> Moments:
+    """Combines per-device moments over the named devices with one all-gather (Chan's rule):
+    the ``"gather"`` method of ``sync_stats.combine_across``, the entry point the layer uses.
 
     Each device's mean travels as its two floats (``m0``, ``corr``).
     """
@@ -167,5 +168,5 @@ def batch_moments(x, mask, layout, axis_name=None, groups=None):
     """``(mean, var, count)`` of ``x`` over the reduced axes and the named devices."""
     m = local_moments(x, mask, layout)
     if axis_name is not None:
-        m = combine_across(m, axis_name, groups)
+        m = gather_and_pool(m, axis_name, groups)
     return finalize(m)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import collectives, moments
-from jaxbn.layout import Layout
+from jaxbn.layout import Layout, typed_sharding
 from jaxbn.moments import Moments, safe_div
 
 # Largest group size combined by all-gather; above it, the O(F) all-reduce. Module-level so
@@ -107,7 +107,7 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or None, got {method!r}")
     if method == "gather":
-        return moments.combine_across(local, axis_name, groups)
+        return moments.gather_and_pool(local, axis_name, groups)
     return _reduced(local, axis_name, groups, shift, size, epsilon,
                     always_two=method == "two_rounds")
 
@@ -224,15 +224,14 @@ def batch_may_be_sharded(x: jax.Array, layout: Layout) -> bool:
       >>> batch_may_be_sharded(jnp.ones((4, 3)), make_layout((4, 3), -1))
       False
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if sharding is None or mesh is None or not mesh.axis_names:
+    typed = typed_sharding(x)
+    if typed is None:
         return False
+    mesh, spec = typed
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
     if any(kinds[a] == jax.sharding.AxisType.Auto and sizes[a] > 1 for a in mesh.axis_names):
         return True
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     for dim in layout.reduce_axes:
         names = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
         if any(n is not None and kinds[n] == jax.sharding.AxisType.Explicit
