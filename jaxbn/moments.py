@@ -105,10 +105,10 @@ def local_moments(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Momen
     if mask is None:  # each pass reads x itself (see ``private_copies``)
         n = layout.local_count
         m0 = opaque(jnp.sum(x.astype(dt), axis=axes, keepdims=True) / max(n, 1))
-        x1, m1 = fresh(x, m0)
-        s1 = jnp.sum(x1.astype(dt) - m1, axis=axes, keepdims=True)
-        x2, m2 = fresh(x1, m1)
-        s2 = jnp.sum(jnp.square(x2.astype(dt) - m2), axis=axes, keepdims=True)
+        x_a, m0_a = fresh(x, m0)
+        s1 = jnp.sum(x_a.astype(dt) - m0_a, axis=axes, keepdims=True)
+        x_b, m0_b = fresh(x_a, m0_a)  # from the first copy: XLA merges identical barriers
+        s2 = jnp.sum(jnp.square(x_b.astype(dt) - m0_b), axis=axes, keepdims=True)
     else:
         xs = x.astype(dt)
         mask = as_rank(mask, x.ndim)

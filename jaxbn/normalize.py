@@ -137,6 +137,14 @@ def _private_operands(x, st: _Stats, factor, mask):
     return operands if mask is not None else private_copies.fresh(*operands)
 
 
+def _primal(cfg: TrainConfig, x, mask, scale, bias, renorm, fallback):
+    """``((y, mean, var, count), stats)``: the outputs of ``train_normalize`` and its _Stats."""
+    (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
+    mult, shift = _affine(st, scale, bias)
+    y = (_scaled_deviation(*_private_operands(x, st, mult, mask)) + shift).astype(x.dtype)
+    return (y, mean, var, count), st
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def train_normalize(cfg: TrainConfig, x, mask, scale, bias, renorm, fallback):
     """Batch-normalizes ``x`` with its (synchronized) batch statistics.
@@ -145,10 +153,7 @@ def train_normalize(cfg: TrainConfig, x, mask, scale, bias, renorm, fallback):
     global ``count`` per feature, in broadcast shape and the statistics dtype. ``mask``,
     ``renorm`` and ``fallback`` carry no derivative.
     """
-    (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
-    mult, shift = _affine(st, scale, bias)
-    y = (_scaled_deviation(*_private_operands(x, st, mult, mask)) + shift).astype(x.dtype)
-    return y, mean, var, count
+    return _primal(cfg, x, mask, scale, bias, renorm, fallback)[0]
 
 
 def _vary_like(value: jax.Array, target: jax.Array) -> jax.Array:
@@ -208,9 +213,7 @@ _checkpointed_tangent = jax.checkpoint(_tangent, static_argnums=(0,))
 def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     x, mask, scale, bias, renorm, fallback = primals
     x_dot, _, scale_dot, bias_dot, _, _ = tangents
-    (mean, var, count), st = _statistics(cfg, x, mask, renorm, fallback)
-    mult, shift = _affine(st, scale, bias)
-    y = (_scaled_deviation(*_private_operands(x, st, mult, mask)) + shift).astype(x.dtype)
+    (y, mean, var, count), st = _primal(cfg, x, mask, scale, bias, renorm, fallback)
     dy, mean_dot, var_dot = _checkpointed_tangent(cfg, x, mask, st, scale, x_dot, scale_dot,
                                                   bias_dot)
     mean_dot = jnp.broadcast_to(mean_dot, mean.shape).astype(mean.dtype)

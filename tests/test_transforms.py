@@ -391,16 +391,14 @@ def check_case(mode_name: str, transform: str, option: str, wrap: Callable | Non
 # The matrix.
 
 SKIP: dict[tuple[str, str, str], str] = {}
-# About a third of the time: the heavy tier with the options other than plain and mask.
-SLOW_OPTIONS = ("momentum_none", "renorm", "ghost", "precise")
 
 
 def _cases():
+    """Every case; the fast subset's slice is chosen in conftest.py (``_fast_transform_case``)."""
     for mode in MODES:
         for option in OPTIONS:
             for transform in HEAVY if mode == "none" else TRANSFORMS:  # chex variants below
-                slow = transform in HEAVY and option in SLOW_OPTIONS
-                marks = [pytest.mark.slow] if slow else []
+                marks = []
                 reason = SKIP.get((mode, transform, option))
                 if reason:
                     marks.append(pytest.mark.skip(reason=reason))
