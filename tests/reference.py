@@ -82,3 +82,30 @@ def bn_grads(x, scale, dy, axis=-1, mask=None, eps=1e-5):
 
 def ema(old, batch, momentum):
     return momentum * np.asarray(old, np.float64) + (1 - momentum) * np.asarray(batch, np.float64)
+
+
+def sum_error_bound(abs_sum, n_terms, dtype=np.float32, ulps=1.0):
+    """A bound on the rounding error of a floating-point sum, for tolerances.
+
+    Summed in any order (XLA:CPU's order differs between CPUs), ``n_terms`` values whose
+    magnitudes add up to ``abs_sum`` give an error of at most ``(n_terms - 1) * u * abs_sum``
+    (Higham, Accuracy and Stability, eq. 4.4; ``u`` is half an ulp of 1 in ``dtype``), plus
+    ``ulps`` units of ``u * abs_sum`` for the roundings around the sum (a cast, a product).
+    Returns an absolute tolerance (elementwise when ``abs_sum`` is an array).
+    """
+    u = float(np.finfo(np.dtype(dtype)).eps) / 2 if np.dtype(dtype).kind == "f" else 2.0**-8
+    return (max(n_terms - 1, 0) + ulps) * u * np.asarray(abs_sum, np.float64)
+
+
+def assert_within(actual, desired, bound, what=""):
+    """``|actual - desired| <= bound`` elementwise (``bound`` broadcasts), with a clear report."""
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
+    err = np.abs(actual - desired)
+    bound = np.broadcast_to(np.asarray(bound, np.float64), err.shape)
+    bad = ~(err <= bound)
+    if np.any(bad):
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} elements beyond the bound; worst "
+            f"error {err[bad].max():.3g} (bound there {bound[bad].max():.3g})"
+            f"\nactual {actual[bad][:5]}\ndesired {desired[bad][:5]}")
