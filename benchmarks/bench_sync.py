@@ -1,6 +1,6 @@
 """Synchronized statistics on fake CPU devices: precision, collectives, payload bytes, time.
 
-Compares the ways :mod:`jaxbn.sync_stats` combines per-device moments: ``gather`` (one
+Compares the ways :mod:`jaxbn._src.sync_stats` combines per-device moments: ``gather`` (one
 all-gather of every device's two-float moments), ``reduce`` (one all-reduce of sums about a
 shared shift, a second one inside a conditional only when the shift is far from the mean) and
 ``two_rounds`` (always both all-reduces). Prints three tables and writes them as JSON:
@@ -48,8 +48,8 @@ def _data(case, devices, n, f, seed=0):
 
 @contextlib.contextmanager
 def using(method: str):
-    """Makes ``jaxbn.normalize`` combine with ``method`` while a function is traced."""
-    from jaxbn import moments, sync_stats
+    """Makes ``jaxbn._src.normalize`` combine with ``method`` while a function is traced."""
+    from jaxbn._src import moments, sync_stats
 
     original = moments.gather_and_pool
     if method != "gather":
@@ -65,8 +65,8 @@ def precision(devices: int = 8, n: int = 32, f: int = 256) -> dict:
     import jax
     import numpy as np
 
-    from jaxbn import moments, sync_stats
-    from jaxbn.layout import make_layout
+    from jaxbn._src import moments, sync_stats
+    from jaxbn._src.layout import make_layout
 
     def synced(x, method, shift):
         def body(x):

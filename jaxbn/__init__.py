@@ -1,8 +1,8 @@
 """jaxbn: Batch Normalization for JAX as pure functions, with synchronized statistics."""
 
 from jaxbn import counting, linen, nnx
-from jaxbn.collectives import UnboundAxisNameError
-from jaxbn.core import bn_apply, bn_init, sync_state
+from jaxbn._src.collectives import UnboundAxisNameError
+from jaxbn._src.core import bn_apply, bn_init, sync_state
 from jaxbn.fold import fold_conv, fold_dense, fold_linen
 from jaxbn.precise import finish_stats, precise_linen_stats, reset_stats
 

@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
-from jaxbn.flax_common import Extras, apply_core, as_hashable, state_dtypes
-from jaxbn.layout import make_layout
+from jaxbn._src.flax_common import Extras, apply_core, as_hashable, state_dtypes
+from jaxbn._src.layout import make_layout
 
 
 class BatchNorm(nn.BatchNorm):

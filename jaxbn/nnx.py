@@ -28,7 +28,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn import initializers
 
-from jaxbn.flax_common import Extras, apply_core, as_hashable, state_dtypes
+from jaxbn._src.flax_common import Extras, apply_core, as_hashable, state_dtypes
 from jaxbn.precise import reset_stats
 
 _ZEROS = initializers.zeros_init()

@@ -22,9 +22,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 # with `pytest --durations=0` on 2 CPU cores: training smoke tests, subprocesses, sweeps, and
 # every function whose first case takes more than about 0.7 s.
 SLOW = {
-    "jaxbn/complex_bn.py::jaxbn.complex_bn",
-    "jaxbn/core.py::jaxbn.core.bn_apply",
-    "jaxbn/sync_stats.py::jaxbn.sync_stats",
+    "jaxbn/_src/complex_bn.py::jaxbn._src.complex_bn",
+    "jaxbn/_src/core.py::jaxbn._src.core.bn_apply",
+    "jaxbn/_src/sync_stats.py::jaxbn._src.sync_stats",
     "tests/reference_jnp.py::tests.reference_jnp",
     "tests/test_benchmarks.py::test_bench_bn_quick_reports_spreads_and_collectives",
     "tests/test_benchmarks.py::test_equinox_is_counted_under_pmap",

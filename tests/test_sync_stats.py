@@ -1,4 +1,4 @@
-"""Cross-device moments (jaxbn.sync_stats) on 8 fake CPU devices against float64 NumPy.
+"""Cross-device moments (jaxbn._src.sync_stats) on 8 fake CPU devices against float64 NumPy.
 
 Every method (all-gather, all-reduce about a shared shift with a conditional second round,
 always two rounds) must give the moments of the concatenated data: uneven and empty devices,
@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn import moments, normalize, sync_stats
-from jaxbn.layout import make_layout
+from jaxbn._src import moments, normalize, sync_stats
+from jaxbn._src.layout import make_layout
 
 D = 8
 METHODS = ("gather", "reduce", "two_rounds")
@@ -341,10 +341,10 @@ false_computation=%branch_false
 
 
 def test_bn_apply_counts_when_wired(monkeypatch):
-    """Once jaxbn.normalize calls sync_stats: with the all-reduce method forced on 8 devices,
+    """Once jaxbn._src.normalize calls sync_stats: with the all-reduce method forced on 8 devices,
     1 unconditional collective forward and 2 forward+backward (plus the conditional one)."""
     if "sync_stats" not in inspect.getsource(normalize):
-        pytest.skip("jaxbn.normalize does not call sync_stats yet")
+        pytest.skip("jaxbn._src.normalize does not call sync_stats yet")
     monkeypatch.setattr(sync_stats, "GATHER_MAX_DEVICES", 0)
     params, state = jaxbn.bn_init(9)  # a shape no other test traces: no cached trace reused
     x = jnp.asarray(_data("N(0,1)", n=3, f=9))
@@ -464,7 +464,7 @@ def test_bn_apply_under_jit_over_sharded_batch_when_wired(kind):
     """Once bn_apply uses shifted_moments for a batch plain jit may have sharded: 1 collective
     forward and 2 forward+backward (plus the conditional one), on Auto and Explicit meshes,
     and the float64 full-batch result."""
-    from jaxbn import core
+    from jaxbn._src import core
     if "shifted_moments" not in inspect.getsource(normalize) + inspect.getsource(core):
         pytest.skip("bn_apply does not call sync_stats.shifted_moments yet")
     types = (jax.sharding.AxisType.Explicit if kind == "explicit"
@@ -500,8 +500,8 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                            initialization_timeout=60)
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxbn import moments, sync_stats
-from jaxbn.layout import make_layout
+from jaxbn._src import moments, sync_stats
+from jaxbn._src.layout import make_layout
 rng = np.random.default_rng(0)
 x = (1e4 + rng.normal(size=(4, 6, 3)) + rng.normal(size=(4, 1, 3))).astype(np.float32)
 x = x.reshape(-1, 3)

@@ -6,7 +6,7 @@ treat a named axis as "more batch".
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from jaxbn.collectives import gather_stacked
+  >>> from jaxbn._src.collectives import gather_stacked
   >>> jax.vmap(lambda v: gather_stacked(v, "b", None), axis_name="b")(jnp.arange(3.0)).shape
   (3, 3)
 """

@@ -7,7 +7,7 @@ rounds back to ``old`` once the step is below half a unit in the last place.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jaxbn.running import ema, cumulative
+  >>> from jaxbn._src.running import ema, cumulative
   >>> round(float(ema(jnp.array(0.0), jnp.array(1.0), 0.9)), 6)
   0.1
   >>> float(cumulative(jnp.array(2.0), jnp.array(5.0), jnp.array(2)))  # average of 2, 2, 5

@@ -4,7 +4,7 @@ Every other module asks this one how a per-feature vector lines up with ``x``; n
 else normalizes axes.
 
 Example:
-    >>> from jaxbn.layout import make_layout
+    >>> from jaxbn._src.layout import make_layout
     >>> lay = make_layout((8, 3, 5, 5), axis=1)
     >>> lay.feature_shape, lay.reduce_axes, lay.broadcast_shape
     ((3,), (0, 2, 3), (1, 3, 1, 1))

@@ -12,7 +12,7 @@ autodiff (no custom rule). :func:`jaxbn.bn_apply` hands complex input to
 
 Example:
   >>> import jax.numpy as jnp, jaxbn
-  >>> from jaxbn.complex_bn import complex_bn_apply
+  >>> from jaxbn._src.complex_bn import complex_bn_apply
   >>> params, state = jaxbn.bn_init(1)
   >>> x = jnp.array([[1 + 1j], [-1 - 1j]], jnp.complex64)
   >>> y, new = complex_bn_apply(params, state, x, True, momentum=0.5, epsilon=1e-6)
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import checks, collectives, running
-from jaxbn.layout import Axis, make_layout
+from jaxbn._src import checks, collectives, running
+from jaxbn._src.layout import Axis, make_layout
 
 
 def _abs_sq(z: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """Cross-device combination of batch moments: count-weighted, stable, O(F) bytes at scale.
 
-Each device brings its local :class:`~jaxbn.moments.Moments` ``(count, m0, corr, m2)``: the
+Each device brings its local :class:`~jaxbn._src.moments.Moments` ``(count, m0, corr, m2)``: the
 mean is ``m0 + corr`` held as two floats, ``m2`` the sum of squared deviations about it.
 :func:`combine_across` returns the moments of the union of the devices' data, the mean again
 as two floats, so that every device can normalize with ``((x - m0) - corr) * invstd`` without
@@ -33,8 +33,8 @@ XLA) and :func:`batch_may_be_sharded` says when to use it.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from jaxbn.moments import Moments
-  >>> from jaxbn.sync_stats import combine_across
+  >>> from jaxbn._src.moments import Moments
+  >>> from jaxbn._src.sync_stats import combine_across
   >>> m0, corr, m2 = jnp.array([[1.0], [3.0]]), jnp.zeros((2, 1)), jnp.array([[2.0], [8.0]])
   >>> def f(m0, corr, m2):  # two devices with 2 rows each: means 1 and 3
   ...     return combine_across(Moments(2, m0, corr, m2), "d", None, method="reduce")
@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import collectives, moments
-from jaxbn.layout import Layout, typed_sharding
-from jaxbn.moments import Moments, safe_div
+from jaxbn._src import collectives, moments
+from jaxbn._src.layout import Layout, typed_sharding
+from jaxbn._src.moments import Moments, safe_div
 
 # Largest group size combined by all-gather; above it, the O(F) all-reduce. Module-level so
 # that tests (and users) can force either method on a given device count.
@@ -81,7 +81,7 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
     """Combines per-device moments over the named devices; returns the global moments.
 
     Args:
-      local: this device's :class:`jaxbn.moments.Moments`, in broadcast shape. ``count`` is
+      local: this device's :class:`jaxbn._src.moments.Moments`, in broadcast shape. ``count`` is
         a Python int when every device holds the same static number of elements.
       axis_name: the bound axis name(s) to combine over.
       groups: normalized ``axis_index_groups`` (``collectives.normalize_groups``) or None.
@@ -98,7 +98,7 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
         second round on every step. 0 asks for that precision relative to ``var`` itself.
 
     Returns:
-      Global :class:`~jaxbn.moments.Moments`: the count (a Python int when static), ``m0`` and
+      Global :class:`~jaxbn._src.moments.Moments`: the count (a Python int when static), ``m0`` and
       ``corr`` with ``m0 + corr`` the global mean, and ``m2`` the global sum of squared
       deviations, identical on every device of a group.
     """
@@ -220,7 +220,7 @@ def batch_may_be_sharded(x: jax.Array, layout: Layout) -> bool:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxbn.layout import make_layout
+      >>> from jaxbn._src.layout import make_layout
       >>> batch_may_be_sharded(jnp.ones((4, 3)), make_layout((4, 3), -1))
       False
     """
@@ -247,14 +247,14 @@ def shifted_moments(x: jax.Array, mask: jax.Array | None, layout: Layout,
 
     The statistics of a batch that ``jit`` has sharded over devices: the two sums of the
     first pass are independent reductions, which XLA all-reduces as ONE collective (the
-    corrected two-pass of :func:`jaxbn.moments.local_moments` needs two, one after the
+    corrected two-pass of :func:`jaxbn._src.moments.local_moments` needs two, one after the
     other). The second pass runs inside a ``lax.cond`` on :func:`second_round_needed`, as in
     :func:`combine_across` (``epsilon`` as there), so the result keeps single-device precision
     whatever the shift.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxbn.layout import make_layout
+      >>> from jaxbn._src.layout import make_layout
       >>> x = jnp.array([[1e4 + 1.0], [1e4 + 3.0]])
       >>> m = shifted_moments(x, None, make_layout(x.shape, -1))  # zero shift: 2 passes
       >>> (m.m0 + m.corr).item(), (m.m2 / m.count).item()

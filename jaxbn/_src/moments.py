@@ -8,8 +8,8 @@ normalizes without the rounding error of ``m0 + corr``.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jaxbn.layout import make_layout
-  >>> from jaxbn.moments import local_moments, finalize
+  >>> from jaxbn._src.layout import make_layout
+  >>> from jaxbn._src.moments import local_moments, finalize
   >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
   >>> m = local_moments(x, None, make_layout(x.shape, -1))
   >>> mean, var, count = finalize(m)
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import collectives
-from jaxbn.layout import Layout
-from jaxbn.private_copies import fresh
+from jaxbn._src import collectives
+from jaxbn._src.layout import Layout
+from jaxbn._src.private_copies import fresh
 
 
 class Moments(NamedTuple):

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import checks, collectives, complex_bn, ghost, moments, running, sync_stats
-from jaxbn.layout import Axis, Layout, as_features, make_layout
-from jaxbn.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
+from jaxbn._src import checks, collectives, complex_bn, ghost, moments, running, sync_stats
+from jaxbn._src.layout import Axis, Layout, as_features, make_layout
+from jaxbn._src.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 
 Params = dict[str, jax.Array]
 State = dict[str, jax.Array]

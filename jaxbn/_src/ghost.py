@@ -12,8 +12,8 @@ the devices and otherwise gathers the batch axis first (correct, at the cost of 
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jaxbn.ghost import split
-  >>> from jaxbn.layout import make_layout
+  >>> from jaxbn._src.ghost import split
+  >>> from jaxbn._src.layout import make_layout
   >>> xv, _, lay = split(jnp.zeros((8, 3)), None, make_layout((8, 3), -1), 4)
   >>> xv.shape, lay.feature_axes
   ((2, 4, 3), (0, 2))
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxbn import collectives, moments
-from jaxbn.layout import Layout, make_layout, typed_sharding
+from jaxbn._src import collectives, moments
+from jaxbn._src.layout import Layout, make_layout, typed_sharding
 
 
 def explicit_spec(x: jax.Array) -> tuple | None:

@@ -17,7 +17,7 @@ for several sums, which the copies would prevent.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jaxbn.private_copies import cast_sum, fresh
+  >>> from jaxbn._src.private_copies import cast_sum, fresh
   >>> a, b = fresh(jnp.ones(2), jnp.zeros(2))
   >>> cast_sum([jnp.ones((2, 3)), jnp.arange(3.0)[None]], jnp.bfloat16).tolist()
   [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
@@ -35,7 +35,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxbn import collectives
+from jaxbn._src import collectives
 
 
 def _on_cpu() -> bool:

@@ -6,7 +6,7 @@ dicts, call :func:`jaxbn.bn_apply` through :func:`apply_core`, and write the new
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jaxbn.flax_common import state_dtypes
+  >>> from jaxbn._src.flax_common import state_dtypes
   >>> [d.name for d in state_dtypes(jnp.float32, jnp.bfloat16)]
   ['float32', 'float32']
   >>> [d.name for d in state_dtypes(jnp.float32, jnp.complex64)]
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn.core import bn_apply
+from jaxbn._src.core import bn_apply
 
 
 class Extras(NamedTuple):
@@ -77,7 +77,7 @@ def apply_core(x, params: dict, state: dict, train: bool, *, axis, momentum, eps
     """One BatchNorm call as a Flax module makes it; returns ``(y, new_state)``.
 
     Like Flax, a batch with one value per feature is accepted in training (``y = bias``), a
-    non-boolean mask is cast to bool, and complex input is normalized (``jaxbn.complex_bn``).
+    non-boolean mask is cast to bool, and complex input is normalized (``jaxbn._src.complex_bn``).
     """
     def call(xx):
         return bn_apply(params, state, xx, train, axis=axis, momentum=momentum,

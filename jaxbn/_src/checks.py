@@ -3,7 +3,7 @@
 Every check here runs in Python while ``bn_apply`` is traced: it costs nothing at run time.
 
 Example:
-  >>> from jaxbn.checks import check_momentum
+  >>> from jaxbn._src.checks import check_momentum
   >>> check_momentum(1.5)
   Traceback (most recent call last):
   ...
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.layout import Layout, as_index
+from jaxbn._src.layout import Layout, as_index
 
 PARAM_KEYS = ("scale", "bias")
 STATE_KEYS = ("mean", "var", "count", "seen")  # "count" and "seen" are optional

@@ -27,8 +27,8 @@ feature with no valid element is normalized with the running statistics it is gi
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from jaxbn.layout import make_layout
-  >>> from jaxbn.normalize import TrainConfig, train_normalize
+  >>> from jaxbn._src.layout import make_layout
+  >>> from jaxbn._src.normalize import TrainConfig, train_normalize
   >>> x = jnp.arange(6.0).reshape(3, 2)
   >>> cfg = TrainConfig(make_layout(x.shape, -1), None, None, 1e-5)
   >>> y, mean, var, count = train_normalize(cfg, x, None, None, None, None, None)
@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import collectives, moments, private_copies, running, sync_stats
-from jaxbn.layout import Layout
+from jaxbn._src import collectives, moments, private_copies, running, sync_stats
+from jaxbn._src.layout import Layout
 
 
 class TrainConfig(NamedTuple):

@@ -1,0 +1,1 @@
+"""jaxbn internals: not a public API (names and modules here may change without notice)."""
