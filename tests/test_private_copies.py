@@ -1,6 +1,8 @@
-"""``jaxbn._src.private_copies``: ``cast_sum`` (a linear primitive with its own transpose) against
-float64 NumPy in every transformation, its errors, and what it is for: a low-precision layer
-whose forward+backward needs no float32 copy of its input on a CPU."""
+"""``jaxbn._src.private_copies``: ``fresh`` (the private-copy primitive: the identity) and
+``cast_sum`` (a linear primitive with its own transpose) against float64 NumPy in every
+transformation, their errors, and what they are for: a low-precision layer whose
+forward+backward needs no float32 copy of its input on a CPU. Their lowerings, per platform,
+are tested in ``test_lowering.py``."""
 
 import functools
 
@@ -12,7 +14,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn._src.private_copies import cast_sum, fresh
+from jaxbn._src import collectives
+from jaxbn._src.private_copies import cast_sum, fresh, private_copy_p
 from tests import reference as ref
 
 RNG = np.random.default_rng(3)
@@ -135,6 +138,140 @@ def test_fresh_copies_hold_the_same_values_under_jit():
     a, b = jax.jit(lambda u, v: fresh(u, v))(U, V)
     np.testing.assert_array_equal(a, U)
     np.testing.assert_array_equal(b, V)
+
+
+def test_fresh_copies_hold_the_same_values_eagerly():
+    a, b = fresh(U, V)
+    np.testing.assert_array_equal(a, U)
+    np.testing.assert_array_equal(b, V)
+    assert fresh() == ()
+
+
+def _copied(u, v):
+    """sum(sin(a) * b) with (a, b) a private copy of (u * u, v), and a second copy of those."""
+    a, b = fresh(u * u, v)
+    a, b = fresh(a, b)
+    return jnp.sum(jnp.sin(a) * b)
+
+
+def _f64(a):
+    return np.asarray(a, np.float64)
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _sin_cos(u):
+    """sin(u^2), cos(u^2) in float64, and what bounds their float32 errors: u^2 rounded to
+    float32 moves the argument by up to half an ulp of u^2, so each is good to a few ulps of
+    (1 + u^2)."""
+    u = _f64(u)
+    return np.sin(u * u), np.cos(u * u), 1 + u * u
+
+
+def _grad_u_bound(u, v):
+    """cos(u^2) * 2u * v: a few float32 ulps of (1 + u^2) |2u v|."""
+    _, _, m = _sin_cos(u)
+    return 4 * EPS32 * m * np.abs(2 * _f64(u) * _f64(v))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_fresh_under_grad_jvp_and_linear_transpose_matches_float64(jit):
+    """Value, gradient (both arguments, or one: a symbolic zero tangent), forward mode, the
+    Hessian (forward over reverse) and the transpose of the copy itself, against closed forms.
+    """
+    wrap = jax.jit if jit else (lambda f: f)
+    u64, v64 = _f64(U), _f64(V)
+    s, c, m = _sin_cos(U)
+    ref.assert_within(wrap(_copied)(U, V), np.sum(s * v64),
+                      ref.sum_error_bound((m * np.abs(v64)).sum(), s.size, ulps=4), "value")
+    gu, gv = wrap(jax.grad(_copied, (0, 1)))(U, V)
+    want_gu = c * 2 * u64 * v64
+    ref.assert_within(gu, want_gu, _grad_u_bound(U, V), "du")
+    ref.assert_within(gv, s.sum(axis=(0, 1), keepdims=True),
+                      ref.sum_error_bound(m.sum(axis=(0, 1), keepdims=True), 6, ulps=4), "dv")
+    np.testing.assert_array_equal(wrap(jax.grad(_copied))(U, V), gu)  # v's tangent a zero
+    # forward mode along (du, dv) = (W, W summed to V's shape)
+    dv = W.sum(axis=(0, 1), keepdims=True)
+    _, tangent = wrap(lambda u, v, du, dv: jax.jvp(_copied, (u, v), (du, dv)))(U, V, W, dv)
+    want = np.sum(want_gu * _f64(W)) + np.sum(s * _f64(dv))
+    mags = np.concatenate([(m * np.abs(2 * u64 * v64 * _f64(W))).ravel(),
+                           (m * np.abs(_f64(dv))).ravel()])
+    ref.assert_within(tangent, want, ref.sum_error_bound(mags.sum(), mags.size, ulps=8), "jvp")
+    # Hessian in u (one row of U, v fixed): diagonal (2 cos(u^2) - 4 u^2 sin(u^2)) v
+    u0, v0 = U[0, 0], V[0, 0]
+    s0, c0, m0 = _sin_cos(u0)
+    u0_64, v0_64 = _f64(u0), _f64(v0)
+    hess = wrap(jax.hessian(lambda u: _copied(u, v0)))(u0)
+    want = np.diag((2 * c0 - 4 * u0_64 ** 2 * s0) * v0_64)
+    bound = np.diag(16 * EPS32 * m0 * (2 + 4 * u0_64 ** 2) * np.abs(v0_64))
+    ref.assert_within(hess, want, bound, "hessian")
+    # the copy is linear; its transpose is the identity (an unused output: a zero cotangent)
+    ta, tb = wrap(jax.linear_transpose(lambda a, b: fresh(a, b)[0], U, V))(CT)
+    np.testing.assert_array_equal(ta, CT)
+    np.testing.assert_array_equal(tb, np.zeros_like(V))
+
+
+def test_fresh_under_vmap_with_batched_and_unbatched_operands():
+    us = RNG.normal(size=(5,) + U.shape).astype(np.float32)
+    a, b = jax.vmap(lambda u: fresh(u, V))(us)  # V unbatched: stays unbatched inside
+    np.testing.assert_array_equal(a, us)
+    np.testing.assert_array_equal(b, np.broadcast_to(V, (5,) + V.shape))
+    a, b = jax.vmap(lambda u, v: fresh(u, v), in_axes=(1, None), out_axes=(2, 0))(
+        np.moveaxis(us, 0, 1), V)
+    np.testing.assert_array_equal(a, np.moveaxis(us, 0, 2))
+    # per-example gradients under vmap against the closed form
+    grads = jax.jit(jax.vmap(jax.grad(_copied), in_axes=(0, None)))(us, V)
+    want = _sin_cos(us)[1] * 2 * _f64(us) * _f64(V)
+    ref.assert_within(grads, want, _grad_u_bound(us, V), "vmap")
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_fresh_under_shard_map(check_vma, devices):
+    """u sharded, v replicated: the copies vary over the mesh axis (with check_vma), and the
+    gradient of the replicated v is summed over the devices."""
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    us = RNG.normal(size=(8, 3, 4)).astype(np.float32)
+
+    def local(u, v):
+        a, b = fresh(u * u, v)
+        if check_vma:
+            assert collectives.varying_axes(b) == {"b"}, jax.typeof(b)
+        return jax.lax.psum(jnp.sum(jnp.sin(a) * b), "b")
+
+    loss = jax.shard_map(local, mesh=mesh, in_specs=(P("b"), P()), out_specs=P(),
+                         check_vma=check_vma)
+    with jax.set_mesh(mesh):
+        gu, gv = jax.jit(jax.grad(loss, (0, 1)))(us, V)
+    s, c, m = _sin_cos(us)
+    ref.assert_within(gu, c * 2 * _f64(us) * _f64(V), _grad_u_bound(us, V), "du")
+    # 3 terms per device, then 8 devices: a 24-term float32 sum's bound
+    ref.assert_within(gv, s.sum(axis=(0, 1), keepdims=True), ref.sum_error_bound(
+        m.sum(axis=(0, 1), keepdims=True), 24, ulps=4), "dv")
+
+
+def test_private_copy_of_differently_varying_operands_raises(devices):
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    us = RNG.normal(size=(8, 3, 4)).astype(np.float32)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("b"), P()), out_specs=P("b"))
+    def bad(u, v):
+        return private_copy_p.bind(u, v)[0]
+
+    with pytest.raises(TypeError, match="vary over the same shard_map axes"):
+        jax.jit(bad)(us, V)
+
+
+def test_fresh_under_pmap_gives_per_device_gradients(devices):
+    us = RNG.normal(size=(8, 3, 4)).astype(np.float32)
+
+    v = V[0]  # each device's u is (3, 4)
+    gu, gv = jax.pmap(jax.grad(_copied, (0, 1)), axis_name="i", in_axes=(0, None))(us, v)
+    s, c, m = _sin_cos(us)
+    ref.assert_within(gu, c * 2 * _f64(us) * _f64(v), _grad_u_bound(us, v), "du")
+    # per replica: that device's 3-term sum (pmap's gradients are per replica)
+    ref.assert_within(gv, s.sum(axis=1, keepdims=True), ref.sum_error_bound(
+        m.sum(axis=1, keepdims=True), 3, ulps=4), "dv")
 
 
 def _fwd_bwd_temp_bytes(apply, params, x):
