@@ -22,12 +22,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
-from flax.linen import dtypes as flax_dtypes
 
+from jaxbn._src import optional
 from jaxbn._src.flax_common import Extras, apply_core, as_hashable, state_dtypes
 from jaxbn._src.layout import make_layout
+
+try:  # Flax is optional (pip install 'jaxbn[flax]'): only this module and jaxbn.nnx need it
+    import flax
+    import flax.linen as nn
+    from flax.linen import dtypes as flax_dtypes
+except ModuleNotFoundError as err:
+    optional.raise_missing("flax", __name__, err)
+optional.check_version("flax", flax.__version__, __name__)
 
 
 class BatchNorm(nn.BatchNorm):

@@ -24,12 +24,19 @@ from types import MappingProxyType
 from typing import Any
 
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx.nn import dtypes as nnx_dtypes
-from flax.nnx.nn import initializers
 
+from jaxbn._src import optional
 from jaxbn._src.flax_common import Extras, apply_core, as_hashable, state_dtypes
 from jaxbn.precise import reset_stats
+
+try:  # Flax is optional (pip install 'jaxbn[flax]'): only this module and jaxbn.linen need it
+    import flax
+    from flax import nnx
+    from flax.nnx.nn import dtypes as nnx_dtypes
+    from flax.nnx.nn import initializers
+except ModuleNotFoundError as err:
+    optional.raise_missing("flax", __name__, err)
+optional.check_version("flax", flax.__version__, __name__)
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
