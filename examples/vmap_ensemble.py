@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built without importing JAX so that ``--help`` is instant."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--members", type=int, default=8, help="networks trained at once")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and bad arguments end here, before JAX loads
+
+from dataclasses import replace  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
@@ -23,10 +37,7 @@ from none_vs_batch import Config, forward, init_model, make_fns  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--members", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=10)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     x_tr, y_tr, x_te, y_te = datasets.load_digits()
     cfg = replace(Config(), norm="batch", epochs=args.epochs)
     keys = jax.random.split(jax.random.key(0), args.members)
