@@ -63,7 +63,8 @@ def complex_bn_apply(params: Mapping[str, jax.Array], state: Mapping[str, jax.Ar
                      mask: jax.Array | None = None, unbiased_running_var: bool = False,
                      virtual_batch_size: int | None = None,
                      renorm: tuple[Any, Any] | None = None, skip_nonfinite: bool = False,
-                     allow_single_value: bool = False) -> tuple[jax.Array, dict]:
+                     allow_single_value: bool = False,
+                     sync_method: str = "auto") -> tuple[jax.Array, dict]:
     """:func:`jaxbn.bn_apply` for complex ``x``; same arguments, returns ``(y, new_state)``.
 
     ``y`` has ``x``'s dtype. Statistics are computed in complex64 or wider; the new running

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._src import checks, collectives, complex_bn, ghost, moments, running, sync_stats
+from jaxbn._src import checks, collectives, combine, complex_bn, ghost, moments, running
 from jaxbn._src.layout import Axis, Layout, as_features, make_layout
 from jaxbn._src.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 
@@ -76,7 +76,8 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
              virtual_batch_size: int | None = None,
              renorm: tuple[Any, Any] | None = None,
              skip_nonfinite: bool = False,
-             allow_single_value: bool = False) -> tuple[jax.Array, State]:
+             allow_single_value: bool = False,
+             sync_method: str = "auto") -> tuple[jax.Array, State]:
     """Applies Batch Normalization; returns ``(y, new_state)``.
 
     Args:
@@ -125,7 +126,8 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
             params, state, x, train, axis=axis, momentum=momentum, epsilon=epsilon,
             axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
             unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size,
-            renorm=renorm, skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value)
+            renorm=renorm, skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
+            sync_method=sync_method)
     checks.check_input(x)
     checks.check_train_flag(train)
     checks.check_params(params)
@@ -171,10 +173,9 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
     if renorm is not None:
         rn = Renorm(running_mean, running_var, jnp.asarray(renorm[0], dt),
                     jnp.asarray(renorm[1], dt))
-    updates = state.get("count") if momentum is not None and "seen" not in state else None
-    shift = lax.stop_gradient(sync_stats.warm_shift(running_mean, updates, momentum))
-    fallback = Fallback(running_mean, running_var, shift)
-    cfg = TrainConfig(work_layout, stats_axis_name, groups, float(epsilon))
+    fallback = Fallback(running_mean, running_var)  # features with no valid element
+    cfg = TrainConfig(work_layout, stats_axis_name, groups, float(epsilon),
+                      combine.check_method(sync_method))
     y, mean, var, count = train_normalize(cfg, work_x, work_mask, scale_b, bias_b, rn, fallback)
     y = ghost.merge(y, x) if lead else y
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxbn._src import collectives, moments
+from jaxbn._src import collectives, combine, moments
 from jaxbn._src.layout import Layout, make_layout, typed_sharding
 
 
@@ -91,5 +91,5 @@ def pool(mean: jax.Array, var: jax.Array, count: jax.Array, *, exact: bool, axis
         return avg[0], avg[1], collectives.sum_over(count, axis_name, groups)
     m = moments.pool(count, mean, jnp.zeros_like(mean), var * count)
     if axis_name is not None:
-        m = moments.gather_and_pool(m, axis_name, groups)
+        m = combine.gather(m, axis_name, groups)
     return moments.finalize(m)

@@ -1,4 +1,4 @@
-"""Batch moments: local (count, m0, corr, M2) with masks, and their cross-device combination.
+"""Local batch moments (count, m0, corr, M2) with masks, and Chan's rule for pooling them.
 
 The local moments use the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first
 pass for a provisional mean ``m0``, a second pass that sums ``d = x - m0`` and ``d**2``. The
@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._src import collectives
 from jaxbn._src.layout import Layout
 from jaxbn._src.private_copies import fresh
 
@@ -139,34 +138,7 @@ def pool(counts: jax.Array, m0s: jax.Array, corrs: jax.Array, m2s: jax.Array) ->
     return Moments(total, ref[0], corr, m2)
 
 
-def gather_and_pool(local: Moments, axis_name, groups) -> Moments:
-    """Combines per-device moments over the named devices with one all-gather (Chan's rule):
-    the ``"gather"`` method of ``sync_stats.combine_across``, the entry point the layer uses.
-
-    Each device's mean travels as its two floats (``m0``, ``corr``).
-    """
-    parts = [local.m0, local.corr, local.m2]
-    static = isinstance(local.count, int)  # the same on every device: nothing to send
-    if not static:
-        # an add, not broadcast_to, so the count takes m0's sharding on an Explicit mesh
-        parts.append(jnp.zeros_like(local.m0) + local.count)
-    gathered = collectives.gather_stacked(jnp.stack(parts), axis_name, groups)
-    counts = jnp.full_like(gathered[:, 0], local.count) if static else gathered[:, 3]
-    pooled = pool(counts, gathered[:, 0], gathered[:, 1], gathered[:, 2])
-    if static:
-        return pooled._replace(count=local.count * gathered.shape[0])
-    return pooled
-
-
 def finalize(m: Moments) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns ``(mean, biased variance, count)``; an empty batch gives mean 0 and variance 0."""
     count = jnp.asarray(m.count, m.m0.dtype)
     return m.mean, safe_div(m.m2, m.count), count
-
-
-def batch_moments(x, mask, layout, axis_name=None, groups=None):
-    """``(mean, var, count)`` of ``x`` over the reduced axes and the named devices."""
-    m = local_moments(x, mask, layout)
-    if axis_name is not None:
-        m = gather_and_pool(m, axis_name, groups)
-    return finalize(m)

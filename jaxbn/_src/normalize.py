@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._src import collectives, moments, private_copies, running, sync_stats
+from jaxbn._src import collectives, combine, moments, private_copies, running
 from jaxbn._src.layout import Layout
 
 
@@ -56,6 +56,7 @@ class TrainConfig(NamedTuple):
     axis_name: Any
     groups: collectives.Groups
     epsilon: float
+    sync_method: str = "auto"  # combine.METHODS
 
 
 class Renorm(NamedTuple):
@@ -72,7 +73,6 @@ class Fallback(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
-    shift: jax.Array | None = None  # per-feature value every device agrees on (sync_stats)
 
 
 class _Stats(NamedTuple):
@@ -88,14 +88,10 @@ class _Stats(NamedTuple):
 
 def _statistics(cfg: TrainConfig, x, mask, renorm: Renorm | None, fallback: Fallback | None):
     """Batch (mean, var, count) for the running update, and the normalization's _Stats."""
-    shift = None if fallback is None else fallback.shift
-    if cfg.axis_name is None and sync_stats.batch_may_be_sharded(x, cfg.layout):
-        m = sync_stats.shifted_moments(x, mask, cfg.layout, shift, cfg.epsilon)
-    else:
-        m = moments.local_moments(x, mask, cfg.layout)
-        if cfg.axis_name is not None:
-            m = sync_stats.combine_across(m, cfg.axis_name, cfg.groups, shift=shift,
-                                          epsilon=cfg.epsilon)
+    # Under plain jit over a sharded batch, these sums are global: XLA all-reduces each pass.
+    m = moments.local_moments(x, mask, cfg.layout)
+    if cfg.axis_name is not None:
+        m = combine.combine_across(m, cfg.axis_name, cfg.groups, cfg.sync_method)
     mean, var, count = moments.finalize(m)
     m0, corr, norm_var = m.m0, m.corr, var
     if fallback is not None and not isinstance(m.count, int):

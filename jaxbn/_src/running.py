@@ -36,12 +36,21 @@ def _cast(old: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def ema(old: jax.Array, batch: jax.Array, momentum) -> jax.Array:
-    """Flax's convention: ``momentum * old + (1 - momentum) * batch``, in :func:`update_dtype`."""
+    """Flax's convention: ``momentum * old + (1 - momentum) * batch``, in :func:`update_dtype`.
+
+    ``momentum`` 0 takes the batch statistic and 1 keeps the old value, whatever the other
+    holds (a NaN running state is replaced at momentum 0; frozen statistics stay frozen at 1).
+    """
     old, batch = _cast(old, batch)
     if isinstance(momentum, (int, float)):  # 1 - m in double precision, then rounded once
+        if momentum == 0:
+            return batch
+        if momentum == 1:
+            return old
         return jnp.asarray(momentum, old.dtype) * old + jnp.asarray(1 - momentum, old.dtype) * batch
     m = jnp.asarray(momentum, old.dtype)
-    return m * old + (1 - m) * batch
+    mixed = m * old + (1 - m) * batch
+    return jnp.where(m == 0, batch, jnp.where(m == 1, old, mixed))
 
 
 def cumulative(old: jax.Array, batch: jax.Array, num_updates: jax.Array) -> jax.Array:
