@@ -47,12 +47,18 @@ import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from jaxbn._src.core import bn_apply
-from jaxbn.fold import fold_conv, fold_dense
+from jaxbn import Params, State, UnboundAxisNameError, bn_apply, fold_conv, fold_dense
+from jaxbn._src import optional
+
+try:  # Equinox is optional (pip install 'jaxbn[equinox]'): only this module needs it
+    import equinox as eqx
+except ModuleNotFoundError as err:
+    optional.raise_missing("equinox", __name__, err)
+optional.check_version("equinox", eqx.__version__, __name__)
 
 __all__ = ["BatchNorm", "convert", "fold", "from_equinox_state"]
 
@@ -64,9 +70,27 @@ def _default_dtype() -> Any:
     return jnp.dtype(jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
 
 
-def _names(axis_name: Any) -> Any:
-    """``axis_name`` as ``bn_apply`` takes it: one name, or a tuple of names."""
-    return tuple(axis_name) if isinstance(axis_name, list) else axis_name
+def _split_names(axis_name: Any) -> tuple[tuple[Hashable, ...], tuple[Hashable, ...]]:
+    """The names in ``axis_name`` bound by ``vmap`` (examples of this device's batch) and those
+    bound by ``pmap``/``shard_map`` (devices: the abstract mesh's manual axes)."""
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    for name in names:
+        try:
+            lax.axis_size(name)
+        except NameError:
+            raise UnboundAxisNameError(
+                f"axis_name {name!r} is not bound: call the BatchNorm in training mode inside "
+                f"jax.vmap(..., axis_name={name!r}) (or jax.pmap) over the batch, as "
+                f"equinox.nn.BatchNorm requires") from None
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+    return (tuple(n for n in names if n not in manual), tuple(n for n in names if n in manual))
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The shard_map axes ``x`` varies along (empty outside shard_map or without check_vma)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 class BatchNorm(eqx.nn.BatchNorm):
@@ -166,7 +190,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         self.momentum = float(momentum)
         self.mode = mode
 
-    def _params(self) -> dict[str, jax.Array]:
+    def _params(self) -> Params:
         if not self.channelwise_affine:
             return {}
         assert self.weight is not None and self.bias is not None
@@ -243,42 +267,76 @@ class BatchNorm(eqx.nn.BatchNorm):
         params = self._params()
         if inference:
             mean, var = self.inference_statistics(state)
-            y, _ = bn_apply(params, {"mean": mean, "var": var}, x[None], False, axis=1,
-                            epsilon=self.eps)
+            stats: State = {"mean": mean, "var": var}
+            y, _ = bn_apply(params, stats, x[None], False, axis=1, epsilon=self.eps)
             return y[0], state
         if self.mode == "ema":
             return self._train_ema(params, x, state)
         return self._train_batch(params, x, state)
 
-    def _train(self, params, state_in, x, momentum):
-        return bn_apply(params, state_in, x[None], True, axis=1, momentum=momentum,
-                        epsilon=self.eps, axis_name=_names(self.axis_name),
-                        allow_single_value=True)  # as Equinox: one value gives y = bias
+    def _train(self, params: Params, state_in: State, x: jax.Array,
+               momentum: Any) -> tuple[jax.Array, State]:
+        """``bn_apply`` over the examples along ``axis_name``; returns this example's ``y``.
 
-    def _train_ema(self, params, x, state):
+        Without a device axis among the names (plain ``vmap``, on one device or under ``jit``
+        over a sharded batch) the example goes to ``bn_apply`` as a batch of one with the
+        vmapped names as ``axis_name``: the core's "collectives" over them are array
+        operations. Under ``pmap``/``shard_map`` the examples along the vmapped names are
+        first gathered into this device's batch (array operations under vmap, no
+        communication) and the device names alone go to ``bn_apply``, so the collectives are
+        the core's over devices (up to 8 devices: one all-gather forward, one all-reduce
+        backward), with a payload that does not grow with the batch.
+        """
+        vmapped, devices = _split_names(self.axis_name)
+        if vmapped and _varying_axes(x):
+            raise NotImplementedError(
+                f"BatchNorm(axis_name={self.axis_name!r}) is vmapped over {vmapped} inside "
+                f"jax.shard_map with check_vma=True: JAX 0.10 cannot run a collective over a "
+                f"vmap axis there (equinox.nn.BatchNorm fails alike). Use "
+                f"shard_map(..., check_vma=False), jax.pmap, or jax.jit over a batch sharded "
+                f"on a mesh with Auto axes (see the Equinox guide)")
+        if not devices or not vmapped:
+            names = vmapped or devices
+            y, new = bn_apply(params, state_in, x[None], True, axis=1, momentum=momentum,
+                              epsilon=self.eps, axis_name=names if len(names) > 1 else names[0],
+                              allow_single_value=True)  # as Equinox: one value gives y = bias
+            return y[0], new
+        batch = x
+        for name in reversed(vmapped):  # leading axes in the order of vmapped
+            batch = lax.all_gather(batch, name)
+        y, new = bn_apply(params, state_in, batch, True, axis=len(vmapped), momentum=momentum,
+                          epsilon=self.eps, axis_name=devices if len(devices) > 1 else devices[0],
+                          allow_single_value=True)
+        for name in vmapped:
+            y = y[lax.axis_index(name)]
+        return y, new
+
+    def _train_ema(self, params: Params, x: jax.Array,
+                   state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
         assert self.ema_first_time_index is not None and self.ema_state_index is not None
         first = state.get(self.ema_first_time_index)
         mean, var = state.get(self.ema_state_index)
         dt = jnp.promote_types(mean.dtype, jnp.float32)
         # Before the first step the buffers are placeholders (uninitialized in Equinox's own
         # states): never read them. Momentum 0 stores the batch's statistics.
-        old = {"mean": jnp.where(first, jnp.zeros_like(mean), mean),
+        old: State = {"mean": jnp.where(first, jnp.zeros_like(mean), mean),
                "var": jnp.where(first, jnp.ones_like(var), var)}
         momentum = jnp.where(first, jnp.zeros((), dt), jnp.asarray(self.momentum, dt))
         y, new = self._train(params, old, x, momentum)
         state = state.set(self.ema_first_time_index, jnp.zeros_like(first))
         state = state.set(self.ema_state_index,
                           (new["mean"].astype(mean.dtype), new["var"].astype(var.dtype)))
-        return y[0], state
+        return y, state
 
-    def _train_batch(self, params, x, state):
+    def _train_batch(self, params: Params, x: jax.Array,
+                     state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
         assert self.batch_counter is not None and self.batch_state_index is not None
         counter = state.get(self.batch_counter)
         mean, var = state.get(self.batch_state_index)
         dt = jnp.promote_types(mean.dtype, jnp.float32)
         fresh = counter <= 0
         # The averages start from zero: the stored (0, 1) of a fresh state is discarded.
-        old = {"mean": jnp.where(fresh, jnp.zeros_like(mean), mean),
+        old: State = {"mean": jnp.where(fresh, jnp.zeros_like(mean), mean),
                "var": jnp.where(fresh, jnp.zeros_like(var), var),
                "count": jnp.maximum(counter, 0)}
         # A float of the statistics' dtype: the update weighs old and new by m and 1 - m of
@@ -290,7 +348,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         state = state.set(self.batch_state_index,
                           (jnp.where(advanced, new["mean"].astype(mean.dtype), mean),
                            jnp.where(advanced, new["var"].astype(var.dtype), var)))
-        return y[0], state
+        return y, state
 
 
 def _is_eqx_bn(node: Any) -> bool:
@@ -384,7 +442,7 @@ _FOLDABLE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
 
 def _fold_layer(layer: Any, bn: BatchNorm, state: eqx.nn.State) -> Any:
     mean, var = bn.inference_statistics(state)
-    stats = {"mean": mean, "var": var}
+    stats: State = {"mean": mean, "var": var}
     params = bn._params()
     w = layer.weight
     if isinstance(layer, eqx.nn.Linear):
