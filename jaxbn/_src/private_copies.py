@@ -26,10 +26,11 @@ identity as well. It is read each time a private copy is lowered, so set it befo
 is first compiled or exported: a function already compiled keeps its compiled form until
 ``jax.clear_caches()``.
 
-All of this module's dependence on JAX internals (the primitive's abstract evaluation, its
-derivative, transpose and batching rules, its lowerings) is in the "JAX internals" section
-below; ``tests/test_private_copies.py`` and ``tests/test_lowering.py`` check it on the oldest
-and newest supported JAX.
+All of this module's dependence on JAX internals (the primitives' abstract evaluation,
+derivative, transpose and batching rules, and lowerings) is in the "JAX internals" section at
+the end. ``tests/test_private_copies.py`` (every transformation) and ``tests/test_lowering.py``
+(per-platform lowerings, exports) cover it: run them on the oldest and the newest supported
+JAX after changing that section or the JAX requirement.
 
 Example:
   >>> import jax.numpy as jnp
@@ -62,10 +63,13 @@ _OFF = ("0", "false", "off", "no")
 def cpu_copies_enabled() -> bool:
     """Whether the CPU lowering makes private copies (``JAXBN_CPU_PRIVATE_COPIES``, default on).
 
+    Raises:
+      ValueError: the variable holds something else than the values listed in the module
+        docstring.
+
     Example:
-      >>> import os
       >>> from jaxbn._src.private_copies import cpu_copies_enabled
-      >>> cpu_copies_enabled() == (os.environ.get("JAXBN_CPU_PRIVATE_COPIES", "1") != "0")
+      >>> cpu_copies_enabled()  # JAXBN_CPU_PRIVATE_COPIES unset
       True
     """
     value = os.environ.get(ENV_VAR, "").strip().lower()
@@ -107,9 +111,6 @@ def _vary_over(a: jax.Array, names: frozenset) -> jax.Array:
     return lax.pcast(a, missing, to="varying") if missing else a
 
 
-cast_sum_p = Primitive("jaxbn_cast_sum")
-
-
 def cast_sum(terms: Sequence[jax.Array], dtype) -> jax.Array:
     """``(terms[0] + terms[1] + ...).astype(dtype)``, whose transpose gives every term a private
     copy of the cotangent (``fresh``: a copy on a CPU, the plain transpose elsewhere).
@@ -130,41 +131,6 @@ def cast_sum(terms: Sequence[jax.Array], dtype) -> jax.Array:
     return cast_sum_p.bind(*terms, dtype=jnp.dtype(dtype))
 
 
-def _cast_sum_impl(*terms, dtype):
-    return functools.reduce(operator.add, terms).astype(dtype)
-
-
-def _cast_sum_abstract_eval(*avals, dtype):
-    first = avals[0]
-    for a in avals[1:]:
-        if (a.ndim != first.ndim or a.dtype != first.dtype
-                or any(s not in (1, f) for s, f in zip(a.shape, first.shape, strict=True))):
-            raise TypeError(f"cast_sum: every term must broadcast to the first term's shape "
-                            f"and dtype {first.str_short()}; got {a.str_short()}")
-        if collectives.varying_axes_of_aval(a) != collectives.varying_axes_of_aval(first):
-            raise TypeError(f"cast_sum: the terms must vary over the same shard_map axes; "
-                            f"got {first.str_short()} and {a.str_short()}")
-    return first.update(dtype=dtype, weak_type=False)
-
-
-def _cast_sum_transpose(ct, *terms, dtype):
-    del dtype
-    linear = [isinstance(t, ad.UndefinedPrimal) for t in terms]
-    copies = [ct] * sum(linear)
-    if len(copies) > 1:
-        copies = list(fresh(*copies))
-    out = []
-    for term, is_linear in zip(terms, linear, strict=True):
-        if not is_linear:
-            out.append(None)
-            continue
-        c = copies.pop().astype(term.aval.dtype)
-        pairs = zip(term.aval.shape, c.shape, strict=True)
-        summed = tuple(a for a, (s, f) in enumerate(pairs) if s != f)
-        out.append(jnp.sum(c, axis=summed, keepdims=True) if summed else c)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # JAX internals: everything below registers rules with JAX's interpreters. These interfaces
 # change between JAX releases; keep them here, minimal, and covered by the tests named in the
@@ -172,6 +138,7 @@ def _cast_sum_transpose(ct, *terms, dtype):
 
 private_copy_p = Primitive("jaxbn_private_copy")
 private_copy_p.multiple_results = True
+cast_sum_p = Primitive("jaxbn_cast_sum")
 
 
 def _private_copy_impl(*arrays):
@@ -234,10 +201,40 @@ batching.primitive_batchers[private_copy_p] = _private_copy_batch
 mlir.register_lowering(private_copy_p, _identity_lowering)
 mlir.register_lowering(private_copy_p, _cpu_lowering, platform="cpu")
 
-cast_sum_p.def_impl(_cast_sum_impl)
-cast_sum_p.def_abstract_eval(_cast_sum_abstract_eval)
-ad.deflinear2(cast_sum_p, _cast_sum_transpose)
-mlir.register_lowering(cast_sum_p, mlir.lower_fun(_cast_sum_impl, multiple_results=False))
+
+def _cast_sum_impl(*terms, dtype):
+    return functools.reduce(operator.add, terms).astype(dtype)
+
+
+def _cast_sum_abstract_eval(*avals, dtype):
+    first = avals[0]
+    for a in avals[1:]:
+        if (a.ndim != first.ndim or a.dtype != first.dtype
+                or any(s not in (1, f) for s, f in zip(a.shape, first.shape, strict=True))):
+            raise TypeError(f"cast_sum: every term must broadcast to the first term's shape "
+                            f"and dtype {first.str_short()}; got {a.str_short()}")
+        if collectives.varying_axes_of_aval(a) != collectives.varying_axes_of_aval(first):
+            raise TypeError(f"cast_sum: the terms must vary over the same shard_map axes; "
+                            f"got {first.str_short()} and {a.str_short()}")
+    return first.update(dtype=dtype, weak_type=False)
+
+
+def _cast_sum_transpose(ct, *terms, dtype):
+    del dtype
+    linear = [isinstance(t, ad.UndefinedPrimal) for t in terms]
+    copies = [ct] * sum(linear)
+    if len(copies) > 1:
+        copies = list(fresh(*copies))
+    out = []
+    for term, is_linear in zip(terms, linear, strict=True):
+        if not is_linear:
+            out.append(None)
+            continue
+        c = copies.pop().astype(term.aval.dtype)
+        pairs = zip(term.aval.shape, c.shape, strict=True)
+        summed = tuple(a for a, (s, f) in enumerate(pairs) if s != f)
+        out.append(jnp.sum(c, axis=summed, keepdims=True) if summed else c)
+    return out
 
 
 def _cast_sum_batch(axis_data, args, dims, *, dtype):
@@ -249,4 +246,8 @@ def _cast_sum_batch(axis_data, args, dims, *, dtype):
     return cast_sum_p.bind(*moved, dtype=dtype), 0
 
 
+cast_sum_p.def_impl(_cast_sum_impl)
+cast_sum_p.def_abstract_eval(_cast_sum_abstract_eval)
+ad.deflinear2(cast_sum_p, _cast_sum_transpose)
 batching.fancy_primitive_batchers[cast_sum_p] = _cast_sum_batch
+mlir.register_lowering(cast_sum_p, mlir.lower_fun(_cast_sum_impl, multiple_results=False))
