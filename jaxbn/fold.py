@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +145,157 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
                 else (-bias.astype(jnp.promote_types(bias.dtype, bs["mean"].dtype))))
         stats = _set(stats, bn, dict(bs, mean=mean, var=jnp.full_like(bs["var"], var_value)))
     return {**variables, "params": params, "batch_stats": stats}
+
+
+# ------------------------------------------------------------------------------- fold_nnx
+
+def _nnx_path(path: str | tuple, what: str) -> tuple:
+    if isinstance(path, str):
+        return tuple(path.split("/"))
+    if isinstance(path, tuple) and path:
+        return path
+    raise TypeError(f"fold_nnx: a {what} path is a '/'-separated string or a non-empty tuple "
+                    f"of keys, got {path!r}")
+
+
+def _nnx_child(node: Any, key: Any) -> tuple[Any, Any]:
+    """``(key as stored, child)`` of an NNX graph node; a digit string also finds an int key
+    (``"blocks/0/conv"`` reaches ``blocks[0]`` of an ``nnx.List``)."""
+    from flax.nnx import graphlib
+
+    impl = graphlib.get_node_impl(node)
+    children = impl.node_dict(node) if impl is not None else {}
+    for k in (key, int(key) if isinstance(key, str) and key.isdigit() else None):
+        if k is not None and k in children:
+            return k, children[k]
+    raise KeyError(key, sorted(map(str, children)))
+
+
+def _nnx_get(root: Any, path: tuple, what: str) -> tuple[Any, Any, Any]:
+    """``(parent, key, node)`` at ``path``; a KeyError names the missing step."""
+    parent, key, node = None, None, root
+    for i, step in enumerate(path):
+        try:
+            key, child = _nnx_child(node, step)
+        except KeyError as e:
+            where = "/".join(map(str, path[:i])) or "the top level"
+            raise KeyError(f"fold_nnx: {what} path {'/'.join(map(str, path))!r} not found: no "
+                           f"{step!r} under {where} (available there: {e.args[1]})") from None
+        parent, node = node, child
+    return parent, key, node
+
+
+def _nnx_references(root: Any) -> dict[int, list[tuple]]:
+    """Every path at which each graph node of ``root`` is referenced."""
+    from flax.nnx import graphlib
+
+    paths: dict[int, list[tuple]] = {}
+    stack: list[tuple[tuple, Any]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        impl = graphlib.get_node_impl(node)
+        if impl is None:
+            continue
+        seen = id(node) in paths
+        paths.setdefault(id(node), []).append(path)
+        if not seen:
+            stack.extend(((*path, k), c) for k, c in impl.node_dict(node).items())
+    return paths
+
+
+def fold_nnx(model: Any, pairs: Mapping[str | tuple, str | tuple]) -> Any:
+    """Folds named (Linear or Conv, BatchNorm) pairs of a Flax NNX model, for inference.
+
+    ``pairs`` maps the path of each ``nnx.Linear``/``nnx.Conv`` to the path of the BatchNorm
+    (``flax.nnx.BatchNorm`` or ``jaxbn.nnx.BatchNorm``) that follows it: ``"/"``-separated
+    attribute names and indices, as in ``nnx.state(model)`` (``{"stem_conv": "stem_bn",
+    "blocks/0/conv1": "blocks/0/bn1"}``), or tuples of keys. Returns a new model in eval mode
+    (``model`` itself is not modified) in which
+
+    - each layer's kernel and bias are those of :func:`fold_dense` / :func:`fold_conv` (with
+      the BatchNorm's own ``epsilon``); a layer without a bias gets a new ``nnx.Param`` bias
+      (and ``use_bias=True``);
+    - each folded BatchNorm is replaced by ``jaxbn.nnx.Folded``, the identity, which raises if
+      the model is called in training mode.
+
+    The model's code runs unchanged. Errors: a path that is not in the model (KeyError naming
+    the missing step and what is there), a layer that is not an ``nnx.Linear``/``nnx.Conv`` or
+    a BatchNorm that is not one (TypeError), a BatchNorm whose feature axis is not the last
+    (ValueError; folding needs the layer's output features), feature counts that differ
+    (ValueError), a layer or BatchNorm used in two pairs, or referenced from two places in the
+    model (ValueError: folding it would change the other use).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxbn.fold import fold_nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> model.eval()
+      >>> folded = fold_nnx(model, {"layers/0": "layers/1"})
+      >>> type(folded.layers[1]).__name__
+      'Folded'
+      >>> x = jnp.ones((4, 2))
+      >>> bool(jnp.allclose(folded(x), model(x), atol=1e-6))
+      True
+    """
+    from flax import nnx
+    from flax.nnx import graphlib
+
+    from jaxbn.nnx import Folded
+
+    if not isinstance(pairs, Mapping) or not pairs:
+        raise TypeError(f"fold_nnx needs pairs, a non-empty mapping from each Linear/Conv path "
+                        f"to the path of the BatchNorm after it, got {pairs!r}")
+    folded = nnx.clone(model)
+    refs = _nnx_references(folded)
+    todo, used = [], dict[int, str]()
+    for layer_path, bn_path in pairs.items():
+        lp, bp = _nnx_path(layer_path, "layer"), _nnx_path(bn_path, "BatchNorm")
+        layer = _nnx_get(folded, lp, "layer")[2]
+        parent, key, bn = _nnx_get(folded, bp, "BatchNorm")
+        names = "/".join(map(str, lp)), "/".join(map(str, bp))
+        if not isinstance(layer, nnx.Linear | nnx.Conv):
+            raise TypeError(f"fold_nnx folds into nnx.Linear and nnx.Conv layers; {names[0]!r} "
+                            f"is a {type(layer).__module__}.{type(layer).__qualname__}")
+        if isinstance(bn, Folded):
+            raise TypeError(f"fold_nnx: {names[1]!r} is already folded")
+        if not isinstance(bn, nnx.BatchNorm):
+            raise TypeError(f"fold_nnx: {names[1]!r} should be a BatchNorm (flax.nnx or "
+                            f"jaxbn.nnx), got a {type(bn).__module__}.{type(bn).__qualname__}")
+        if bn.axis not in (-1, (-1,)):
+            raise ValueError(f"fold_nnx: the BatchNorm at {names[1]!r} normalizes axis "
+                             f"{bn.axis!r}; folding needs the last axis (-1), where "
+                             f"{type(layer).__name__} puts its output features")
+        for obj, name in ((layer, names[0]), (bn, names[1])):
+            if id(obj) in used:
+                raise ValueError(f"fold_nnx: {name!r} is in two pairs (also as "
+                                 f"{used[id(obj)]!r}); each layer and BatchNorm folds once")
+            used[id(obj)] = name
+            where = refs[id(obj)]
+            if len(where) > 1:
+                raise ValueError(f"fold_nnx: {name!r} is referenced from "
+                                 f"{len(where)} places in the model "
+                                 f"({sorted('/'.join(map(str, p)) for p in where)}); folding "
+                                 f"it would change its other uses")
+        impl = graphlib.get_node_impl(parent)
+        if impl is None or impl.set_key is None:
+            raise TypeError(f"fold_nnx: the BatchNorm at {names[1]!r} is held in a "
+                            f"{type(parent).__name__}, which cannot be changed in place (hold "
+                            f"it in a module attribute, an nnx.List/nnx.Dict, a list or a dict)")
+        todo.append((layer, bn, impl.set_key, parent, key))
+    for layer, bn, set_key, parent, key in todo:
+        params = {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None}
+        state = {"mean": bn.mean[...], "var": bn.var[...]}
+        bias = layer.bias[...] if layer.bias is not None else None
+        fold = fold_conv if isinstance(layer, nnx.Conv) else fold_dense
+        kernel, new_bias = fold(layer.kernel[...], bias, params, state, epsilon=bn.epsilon)
+        layer.kernel[...] = kernel
+        if layer.bias is not None:
+            layer.bias[...] = new_bias
+        else:
+            layer.bias = nnx.Param(new_bias)
+            layer.use_bias = True
+        set_key(parent, key, Folded(bn.num_features))
+    folded.eval()
+    return folded
