@@ -109,3 +109,205 @@ def assert_within(actual, desired, bound, what=""):
             f"{what}: {int(bad.sum())} of {bad.size} elements beyond the bound; worst "
             f"error {err[bad].max():.3g} (bound there {bound[bad].max():.3g})"
             f"\nactual {actual[bad][:5]}\ndesired {desired[bad][:5]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Error bounds of BatchNorm computed in float32 (or another dtype), for tolerances.
+#
+# Each bound is first order in u (terms in u**2 are dropped where they multiply the result,
+# kept where a cancellation makes them the leading term) and holds for ANY summation order
+# (Higham's (n - 1) u sum|terms| per reduction), with or without fused multiply-adds: what
+# XLA:CPU does differs between CPUs. The magnitudes are computed here, in float64, from the data.
+# "stable=True" is the corrected two-pass algorithm that DESIGN.md requires (the mean carried as
+# a provisional mean m0 plus a correction, deviations taken about m0: the error scales with the
+# spread of x, not with its mean); "stable=False" is the plain two-pass one (Flax's
+# use_fast_variance=False: a float32 mean, deviations about that rounded mean).
+
+RSQRT_ULPS = 4  # sqrt, rsqrt and division: XLA:CPU may use approximations good to a few ulps
+
+
+def unit_roundoff(dtype) -> float:
+    """Half an ulp of 1 in ``dtype`` (2**-24 for float32, 2**-8 for bfloat16)."""
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return float(np.finfo(dt).eps) / 2
+    import ml_dtypes  # bfloat16 and the other ml_dtypes floats (JAX depends on ml_dtypes)
+
+    return float(ml_dtypes.finfo(dt).eps) / 2
+
+
+def _weights(x, mask):
+    return np.ones_like(x) if mask is None else np.broadcast_to(
+        np.asarray(mask), x.shape).astype(np.float64)
+
+
+def moments_bound(x, axis=-1, mask=None, dtype=np.float32, stable=True):
+    """Batch moments with bounds on their rounding errors, per feature (keepdims shape).
+
+    Returns a dict: ``mean``, ``var`` (biased), ``n`` (float64 reference values) and
+    ``e_mean``, ``e_var``: bounds on the error of the mean as used to normalize and of the
+    variance, when computed in ``dtype`` by the stable (or plain) two-pass algorithm, and
+    ``e_mean_stored`` / ``e_var_stored``: the same once rounded to ``dtype`` (what a state
+    holds). ``delta`` bounds the error of a plain float32 mean (the first pass).
+
+    With ``N`` valid values, ``D1 = sum|x - mean|``, ``D2 = sum (x - mean)**2``, ``A1 =
+    sum|x|``: the first pass is off by ``delta = (N + 3) u A1 / N`` (sum, division, rounding);
+    the stable mean, from ``d = x - m0`` (each rounded) summed, by ``(N + 2) u (D1 / N +
+    delta)`` (the plain one by ``delta``); the variance by ``(N + 4) u (D2 / N + delta**2)``
+    (deviations, squares, sum, division) plus ``2 (D1 / N + delta) e_mean``: the first-order
+    effect of the mean's error on the deviations (which does not cancel once the sums are
+    pooled across devices or batches), plus, for the plain algorithm, ``delta**2``: deviations
+    about a rounded mean add its squared error (the stable one subtracts it: ``M2 = sum d**2 -
+    sum(d) * corr``).
+    """
+    x = np.asarray(x, np.float64)
+    mean, var, n = batch_stats(x, axis, mask)
+    feats, red = _axes(x.ndim, axis)
+    w = _weights(x, mask)
+    u = unit_roundoff(dtype)
+    nn = np.maximum(n, 1)
+    a1 = (w * np.abs(x)).sum(axis=red, keepdims=True) / nn
+    d1 = (w * np.abs(x - mean)).sum(axis=red, keepdims=True) / nn
+    d2 = (w * (x - mean) ** 2).sum(axis=red, keepdims=True) / nn
+    delta = (nn + 3) * u * a1
+    e_mean = (nn + 2) * u * (d1 + delta) if stable else delta
+    e_var = (nn + 4) * u * (d2 + delta ** 2) + 2 * (d1 + delta) * e_mean
+    if not stable:
+        e_var = e_var + delta ** 2
+    return {"mean": mean, "var": var, "n": n, "delta": delta, "e_mean": e_mean, "e_var": e_var,
+            "e_mean_stored": e_mean + u * np.abs(mean), "e_var_stored": e_var + u * var,
+            "dev1": d1}
+
+
+def _affine_magnitudes(x, scale, bias, feats):
+    b = _bshape(x.shape, feats)
+    s = np.ones(b) if scale is None else np.abs(np.asarray(scale, np.float64)).reshape(b)
+    c = np.zeros(b) if bias is None else np.abs(np.asarray(bias, np.float64)).reshape(b)
+    return s, c
+
+
+def _rounded_to(out_dtype, bound, value, dtype):
+    """``bound`` on a ``dtype`` value, plus the final rounding of ``value`` to ``out_dtype``."""
+    if out_dtype is None:
+        return bound
+    u_out = unit_roundoff(out_dtype)
+    if u_out <= unit_roundoff(dtype):
+        return bound
+    return bound * (1 + u_out) + u_out * np.abs(value)
+
+
+def bn_forward_bound(x, scale, bias, axis=-1, mask=None, eps=1e-5, dtype=np.float32,
+                     out_dtype=None, stable=True):
+    """Elementwise bound on the error of a training-mode output computed in ``dtype``.
+
+    ``y = scale * (x - mean) * rsqrt(var + eps) + bias``: the mean's error divided by sigma,
+    plus ``|xhat|`` times the relative error of ``rsqrt`` (half the variance's relative error
+    plus a few ulps), plus the roundings of the deviation, the products and the bias, all
+    times ``|scale|``. ``out_dtype`` (e.g. bfloat16) adds the final rounding of ``y``.
+    """
+    x = np.asarray(x, np.float64)
+    feats, _ = _axes(x.ndim, axis)
+    mo = moments_bound(x, axis, mask, dtype, stable)
+    u = unit_roundoff(dtype)
+    sig2 = mo["var"] + eps
+    sigma = np.sqrt(sig2)
+    e_inv = mo["e_var"] / (2 * sig2) + (RSQRT_ULPS + 1) * u
+    s, c = _affine_magnitudes(x, scale, bias, feats)
+    dev = np.abs(x - mo["mean"])
+    xhat = dev / sigma
+    bound = s * ((mo["e_mean"] + 2 * u * (dev + mo["delta"])) / sigma
+                 + xhat * (e_inv + 2 * u)) + 2 * u * (s * xhat + c)
+    return _rounded_to(out_dtype, bound, s * xhat + c, dtype)
+
+
+def bn_eval_bound(x, scale, bias, mean, var, axis=-1, eps=1e-5, dtype=np.float32,
+                  out_dtype=None):
+    """Elementwise bound on an inference-mode output ``scale * (x - mean) / sigma + bias``.
+
+    The running statistics are given (exact): the deviation's rounding (or, folded as
+    ``x * a + c``, the roundings of ``x * a`` and ``mean * a``), a few ulps of ``rsqrt`` and
+    the products and bias, times ``|scale|``.
+    """
+    x = np.asarray(x, np.float64)
+    feats, _ = _axes(x.ndim, axis)
+    b = _bshape(x.shape, feats)
+    mean = np.asarray(mean, np.float64).reshape(b)
+    sigma = np.sqrt(np.asarray(var, np.float64).reshape(b) + eps)
+    u = unit_roundoff(dtype)
+    s, c = _affine_magnitudes(x, scale, bias, feats)
+    xhat = np.abs(x - mean) / sigma
+    bound = (s * (2 * u * (np.abs(x) + np.abs(mean)) / sigma + xhat * (RSQRT_ULPS + 4) * u)
+             + 2 * u * (s * xhat + c))
+    return _rounded_to(out_dtype, bound, s * xhat + c, dtype)
+
+
+def bn_grads_bound(x, scale, dy, axis=-1, mask=None, eps=1e-5, dtype=np.float32,
+                   out_dtype=None, stable=True):
+    """Bounds on the errors of ``(dx, dscale, dbias)`` of ``sum(dy * y)`` (see bn_grads).
+
+    ``G1 = sum(dy)`` and ``G2 = sum(dy * xhat)`` over every element of a feature carry their
+    summation bounds, ``G2`` also ``sum|dy|`` times the error of ``xhat``; ``dx = scale / sigma *
+    (dy - w G1 / N - w xhat G2 / N)`` carries those divided by ``N``, a few ulps of each term,
+    and the relative error of ``1 / sigma``. ``dscale``, ``dbias`` come back in feature shape.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    feats, red = _axes(x.ndim, axis)
+    fshape = tuple(x.shape[a] for a in feats)
+    w = _weights(x, mask)
+    mo = moments_bound(x, axis, mask, dtype, stable)
+    u = unit_roundoff(dtype)
+    sig2 = mo["var"] + eps
+    sigma = np.sqrt(sig2)
+    e_inv = mo["e_var"] / (2 * sig2) + (RSQRT_ULPS + 1) * u
+    s, _ = _affine_magnitudes(x, scale, None, feats)
+    n = np.maximum(mo["n"], 1)
+    terms = int(np.prod([x.shape[a] for a in red]))
+    xhat = (x - mo["mean"]) / sigma
+    e_xhat = ((mo["e_mean"] + 2 * u * (np.abs(x - mo["mean"]) + mo["delta"])) / sigma
+              + np.abs(xhat) * (e_inv + u))
+    g1 = dy.sum(axis=red, keepdims=True)
+    g2 = (dy * xhat).sum(axis=red, keepdims=True)
+    e_g1 = sum_error_bound(np.abs(dy).sum(axis=red, keepdims=True), terms, dtype)
+    e_g2 = (sum_error_bound(np.abs(dy * xhat).sum(axis=red, keepdims=True), terms, dtype, 2)
+            + (np.abs(dy) * e_xhat).sum(axis=red, keepdims=True))
+    mult = s / sigma
+    dx = mult * (dy - w * g1 / n - w * xhat * g2 / n)
+    inner = w * (e_g1 / n + np.abs(xhat) * e_g2 / n + e_xhat * np.abs(g2) / n
+                 + 4 * u * (np.abs(g1) / n + np.abs(xhat * g2) / n)) + 4 * u * np.abs(dy)
+    e_dx = _rounded_to(out_dtype, mult * inner + np.abs(dx) * (e_inv + 2 * u), dx, dtype)
+    return (e_dx, (e_g2 + u * np.abs(g2)).reshape(fshape), (e_g1 + u * np.abs(g1)).reshape(fshape))
+
+
+def ema_bound(old, batch, e_batch, momentum, dtype=np.float32, e_old=0.0):
+    """Bound on ``momentum * old + (1 - momentum) * batch`` computed in ``dtype``, ``batch``
+    known to ``e_batch`` (and ``old`` to ``e_old``, after earlier updates): each error times its
+    weight, plus the roundings of the momentum, of ``1 - momentum``, of the two products and
+    of the sum."""
+    u = unit_roundoff(dtype)
+    old, batch = np.abs(np.asarray(old, np.float64)), np.abs(np.asarray(batch, np.float64))
+    return ((1 - momentum) * np.asarray(e_batch, np.float64)
+            + momentum * np.asarray(e_old, np.float64) + 3 * u * (old + batch))
+
+
+def accumulate_bound(old, batch, dtype=np.float32):
+    """Chan's pooled update of ``(mean, var, n, e_mean, e_var)`` with one batch's, in ``dtype``.
+
+    ``mean = old + w * delta`` and ``var = (1 - w) var_old + w var_b + w (1 - w) delta**2``
+    (``w`` the batch's share of the count, ``delta`` the difference of the means): each input's
+    error times its weight, the error of ``delta`` times ``2 w (1 - w) |delta|``, and a few
+    ulps of every term. Start from ``(0, 0, 0, 0, 0)``; returns the same 5-tuple (float64).
+    """
+    u = unit_roundoff(dtype)
+    m_a, v_a, n_a, e_ma, e_va = (np.asarray(a, np.float64) for a in old)
+    m_b, v_b, n_b, e_mb, e_vb = (np.asarray(a, np.float64) for a in batch)
+    total = n_a + n_b
+    w = n_b / np.maximum(total, 1)
+    delta = m_b - m_a
+    mean = m_a + w * delta
+    var = (1 - w) * v_a + w * v_b + w * (1 - w) * delta ** 2
+    e_delta = e_ma + e_mb + u * np.abs(delta)
+    e_mean = (1 - w) * e_ma + w * e_mb + 3 * u * (w * np.abs(delta) + np.abs(mean))
+    e_var = ((1 - w) * e_va + w * e_vb + 2 * w * (1 - w) * np.abs(delta) * e_delta
+             + 6 * u * ((1 - w) * v_a + w * v_b + w * (1 - w) * delta ** 2))
+    return mean, var, total, e_mean, e_var
