@@ -276,7 +276,33 @@ def test_serialise_round_trip_and_equinox_checkpoints_load(mode, tmp_path):
     back = eqx.tree_deserialise_leaves(path2, make("jaxbn", 3, "batch", mode=mode))
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves((ours, s_ours)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    eqx.tree_deserialise_leaves(path2, make("equinox", 3, "batch", mode=mode))
+    theirs2, s_theirs2 = eqx.tree_deserialise_leaves(path2, make("equinox", 3, "batch",
+                                                                   mode=mode))
+    # Equinox reads jaxbn's states right: its debiasing suits an average started from zero
+    # (three updates on x now, one after the ones' removal: the same error budget)
+    assert_within(infer(theirs2, x, s_theirs2), y_ref, y_b, "Equinox reading jaxbn's state")
+
+
+def test_bfloat16_equinox_checkpoint_loads_through_a_narrow_like(tmp_path):
+    """The guide's recipe: Equinox keeps a bfloat16 model's running statistics in bfloat16,
+    jaxbn in float32: load through a like state cast to bfloat16, then widen it."""
+    theirs, s_theirs = make("equinox", 3, "batch", mode="batch", dtype=jnp.bfloat16)
+    x = batch_data(22, (8, 3), dtype=jnp.bfloat16)
+    _, s_theirs = train_fn(theirs)(x, s_theirs)
+    eqx.tree_serialise_leaves(tmp_path / "bf16.eqx", (theirs, s_theirs))
+    ours, s_ours = make("jaxbn", 3, "batch", mode="batch", dtype=jnp.bfloat16)
+    assert s_ours.get(ours.batch_state_index)[0].dtype == jnp.float32
+
+    def cast(tree, old, new):
+        return jax.tree.map(lambda a: a.astype(new) if a.dtype == old else a, tree)
+    ours, s_ours = eqx.tree_deserialise_leaves(
+        tmp_path / "bf16.eqx", (ours, cast(s_ours, jnp.float32, jnp.bfloat16)))
+    s_ours = cast(s_ours, jnp.bfloat16, jnp.float32)
+    for a, b in zip(jax.tree.leaves(s_ours), jax.tree.leaves(s_theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float64), f64(b))  # widened exactly
+    y, s_ours = train_fn(ours)(x, s_ours)
+    assert y.dtype == jnp.bfloat16
+    assert s_ours.get(ours.batch_state_index)[1].dtype == jnp.float32
 
 
 def test_nested_vmaps_and_several_axis_names_equal_the_flat_batch():
