@@ -168,7 +168,7 @@ def _nnx_child(node: Any, key: Any) -> tuple[Any, Any]:
     for k in (key, int(key) if isinstance(key, str) and key.isdigit() else None):
         if k is not None and k in children:
             return k, children[k]
-    raise KeyError(key, sorted(map(str, children)))
+    raise KeyError(key, sorted(str(k) for k in children if not str(k).startswith("_")))
 
 
 def _nnx_get(root: Any, path: tuple, what: str) -> tuple[Any, Any, Any]:
