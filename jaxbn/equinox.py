@@ -394,8 +394,9 @@ def from_equinox_state(model: Any, state: eqx.nn.State) -> eqx.nn.State:
     Equinox's ``mode="batch"`` starts its variance average from ones, so after ``k`` updates
     it holds ``momentum**k`` too much; this removes it from every ``"batch"``-mode
     :class:`BatchNorm` of ``model`` (convert the model first). ``"ema"`` states need nothing.
-    Call it once, on a state that Equinox's layer trained (a jaxbn-trained state has no such
-    excess): a variance average below ``momentum**k`` cannot come from Equinox and raises.
+    Call it once, eagerly (not under ``jit``), on a state that Equinox's layer trained (a
+    jaxbn-trained state has no such excess): a variance average below ``momentum**k`` cannot
+    come from Equinox and raises.
     The result is as accurate as the checkpoint allows: the ones cost float32 digits while
     ``momentum**k`` is near 1.
 

@@ -117,6 +117,7 @@ def test_state_layout_and_fields_match_equinox(mode):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_training_steps_match_equinox_batch_mode():
     """Three batches: outputs and stored state side by side with Equinox (where it is right)
     and with float64 NumPy; Equinox's variance average holds momentum**k more (its ones)."""
@@ -151,6 +152,7 @@ def test_training_steps_match_equinox_batch_mode():
                       "Equinox's var average = jaxbn's + momentum**k (its ones)")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_first_step_and_gradients_match_equinox_in_both_modes():
     """The first step (where both modes normalize with the batch's statistics, in Equinox as
     in jaxbn): outputs, the gradients of x, weight and bias, and the stored statistics."""
@@ -193,6 +195,7 @@ def test_first_step_and_gradients_match_equinox_in_both_modes():
             assert_within(g_b, ref_dbias, dbias_bound, f"{mode} {layer} dbias")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_sequential_make_with_state_and_inference_mode_like_equinox():
     """A Sequential of Linear, BatchNorm, relu, Linear built with each layer from the same keys:
     one training step ("ema": the running statistics are then the batch's, in Equinox too),
@@ -231,6 +234,7 @@ def test_sequential_make_with_state_and_inference_mode_like_equinox():
     assert_within(ours[1], theirs[1], 2 * bound, "inference side by side")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @pytest.mark.parametrize("mode", ["batch", "ema"])
 def test_serialise_round_trip_and_equinox_checkpoints_load(mode, tmp_path):
     """tree_serialise_leaves / tree_deserialise_leaves: a checkpoint of Equinox's layer loads
@@ -283,6 +287,7 @@ def test_serialise_round_trip_and_equinox_checkpoints_load(mode, tmp_path):
     assert_within(infer(theirs2, x, s_theirs2), y_ref, y_b, "Equinox reading jaxbn's state")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_bfloat16_equinox_checkpoint_loads_through_a_narrow_like(tmp_path):
     """The guide's recipe: Equinox keeps a bfloat16 model's running statistics in bfloat16,
     jaxbn in float32: load through a like state cast to bfloat16, then widen it."""
@@ -305,6 +310,7 @@ def test_bfloat16_equinox_checkpoint_loads_through_a_narrow_like(tmp_path):
     assert s_ours.get(ours.batch_state_index)[1].dtype == jnp.float32
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_nested_vmaps_and_several_axis_names_equal_the_flat_batch():
     """Two named vmap axes pool all the examples; an unnamed outer vmap keeps groups apart."""
     x = batch_data(5, (2, 3, 4, 5))  # (group, example, channel, spatial)
@@ -328,6 +334,7 @@ def test_nested_vmaps_and_several_axis_names_equal_the_flat_batch():
 # ----------------------------------------------------------- where Equinox 0.13.8 is wrong
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 def test_batch_mode_inference_uses_the_batch_variance(layer):
     """Three steps on one batch (momentum 0.99): inference must normalize with that batch's
@@ -345,6 +352,7 @@ def test_batch_mode_inference_uses_the_batch_variance(layer):
     assert_within(infer(bn, x, state), y_ref, bound, f"{layer}: inference after 3 steps")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 def test_ema_inference_before_training_is_the_identity(layer):
     """Before any training step, "ema" inference uses mean 0 and variance 1 (as "batch" mode
@@ -355,6 +363,7 @@ def test_ema_inference_before_training_is_the_identity(layer):
     assert_within(y, f64(x) / math.sqrt(1 + EPS), 4 * U32 * np.abs(f64(x)), f"{layer}")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 def test_float32_at_a_large_offset(layer):
     """x = 1e4 + N(0, 1) in float32, 8 channels: the output within its error bound (jaxbn
@@ -366,6 +375,7 @@ def test_float32_at_a_large_offset(layer):
     assert_within(y, ref, y_bound(x), f"{layer} at offset 1e4")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 @pytest.mark.parametrize("mode", ["ema", "batch"])
 def test_bfloat16_input(layer, mode):
@@ -390,6 +400,7 @@ def test_bfloat16_input(layer, mode):
     assert_within(v, var.ravel(), 80 * U32 * var.ravel(), f"{layer} {mode} running variance")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 def test_bfloat16_model_running_average_does_not_stall(layer):
     """A bfloat16 model (dtype=bfloat16), momentum 0.999, 3000 steps on one bfloat16 batch:
@@ -411,6 +422,7 @@ def test_bfloat16_model_running_average_does_not_stall(layer):
     assert_within(infer(bn, x, state), y_ref, bound, f"{layer}: after 3000 steps")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 def test_one_collective_forward_two_with_backward_under_pmap(layer):
     """pmap over 4 devices around vmap over 2 examples each, axis_name=("d", "batch"):
@@ -438,6 +450,7 @@ def test_one_collective_forward_two_with_backward_under_pmap(layer):
     assert f_count.compiled <= 1 and fb_count.compiled <= 2, (layer, f_count, fb_count)
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @BOTH
 def test_no_warning_when_mode_is_left_out(layer):
     """Equinox warns (a UserWarning, an error under -W error) when mode is left out."""
@@ -482,6 +495,7 @@ def _multi_device(style, x, mode):
 
 @pytest.mark.parametrize("style", ["pmap_vmap", "shard_map", "jit_auto_mesh",
                                    "pmap_per_example"])
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_supported_ways_over_devices(style):
     """The per-example style over devices, the ways the Equinox guide documents."""
     x = batch_data(18, (12, 3, 2)) if style != "pmap_per_example" else batch_data(18, (4, 3, 2))
@@ -505,6 +519,7 @@ def test_shard_map_with_check_vma_raises_clearly():
         jax.jit(f)(xs, state)
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_bad_arguments_raise_clearly():
     BN = jaxbn.equinox.BatchNorm
     with pytest.raises(ValueError, match="mode must be"):
@@ -529,6 +544,7 @@ def test_bad_arguments_raise_clearly():
         jax.vmap(bn, in_axes=(0, None), out_axes=(0, None))(jnp.ones((4, 3)), state)
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_convert_keeps_the_state_and_from_equinox_state_repairs_its_variance():
     """convert swaps Equinox's layers for jaxbn's and keeps the model's State valid;
     from_equinox_state removes Equinox's ones (and refuses a state without them)."""
@@ -570,6 +586,7 @@ def _conv1d_ref(x, w, b):
     return out if b is None else out + b.reshape(-1, 1)
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_fold_sequential_conv_and_linear(monkeypatch):
     """fold replaces each (Linear/Conv, BatchNorm) pair of a Sequential (nested ones too) by the
     folded layer (from jaxbn.fold_dense / fold_conv) and an Identity; a BatchNorm that does not
