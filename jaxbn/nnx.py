@@ -265,7 +265,7 @@ def convert(model: Any, **overrides: Any) -> Any:
       >>> type(model.layers[1]).__module__, model.layers[1].momentum
       ('jaxbn.nnx', 0.9)
     """
-    from flax.nnx import graphlib  # see _thread_local in jaxbn.linen
+    from flax.nnx import graphlib  # imported here: the import block above is optional-Flax code
 
     fixed = sorted(set(overrides) & set(_FIXED))
     if fixed:
@@ -345,3 +345,26 @@ class Folded(nnx.Module):
                              "use_running_average=False); train the unfolded model, and call "
                              "the folded one after model.eval()")
         return x
+
+
+def fold(model: Any, pairs: Mapping[Any, Any]) -> Any:
+    """Folds named (``nnx.Linear``/``nnx.Conv``, BatchNorm) pairs for inference: the NNX name
+    of :func:`jaxbn.fold.fold_nnx` (next to :func:`convert`, as ``jaxbn.equinox.fold``),
+    which documents ``pairs``, the result and the errors.
+
+    Returns a folded copy of ``model`` in eval mode; ``model`` is left as it was.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbn
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)),
+      ...                        nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+      >>> model.eval()
+      >>> folded = jaxbn.nnx.fold(model, {"layers/0": "layers/1"})
+      >>> x = jnp.ones((1, 4, 4, 1))
+      >>> bool(jnp.allclose(folded(x), model(x), atol=1e-6))
+      True
+    """
+    from jaxbn.fold import fold_nnx  # here: the import block above is kept as it is
+
+    return fold_nnx(model, pairs)
