@@ -690,3 +690,42 @@ def test_convert_override_names_cover_the_constructor():
     params = set(inspect.signature(jnnx.BatchNorm.__init__).parameters) - {"self"}
     assert set(jnnx._OVERRIDABLE) | set(jnnx._FIXED) == params
     assert not set(jnnx._OVERRIDABLE) & set(jnnx._FIXED)
+
+
+def test_intercept_under_lifted_transforms_and_intermediates():
+    """nn.remat and nn.vmap (an ensemble axis with its own variables), and what
+    capture_intermediates records, as with the import swap; interceptors registered inside
+    intercept() do not see the BatchNorm calls it computes."""
+    x = _x((3, 8, 2), seed=13)
+
+    def make(BatchNorm):
+        class Inner(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return BatchNorm(use_running_average=False, momentum=0.8)(nn.Dense(2)(x))
+
+        class Outer(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                ensemble = nn.vmap(nn.remat(Inner), in_axes=0, out_axes=0,
+                                   variable_axes={"params": 0, "batch_stats": 0},
+                                   split_rngs={"params": True})
+                return ensemble(name="members")(x)
+        return Outer()
+
+    def run(model):
+        v = model.init(jax.random.key(0), x)
+        return v, model.apply(v, x, mutable=["batch_stats", "intermediates"],
+                              capture_intermediates=True)
+
+    want = run(make(jaxbn.linen.BatchNorm))
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+        seen.append(type(context.module).__name__)
+        return next_fun(*args, **kwargs)
+
+    with jaxbn.linen.intercept(), nn.intercept_methods(spy):
+        got = run(make(nn.BatchNorm))
+    _identical(got, want)
+    assert "BatchNorm" not in seen and "Dense" in seen
