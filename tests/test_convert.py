@@ -195,7 +195,7 @@ def _run(model, x, variables=None, intercept=None):
             "y_eval": y_eval}, v
 
 
-@pytest.mark.parametrize("name", ["basic", "bottleneck", "net"])
+@pytest.mark.parametrize("name", ["net", "basic", "bottleneck"])  # the cheapest first
 def test_intercept_equals_import_swap_bit_for_bit(name):
     x = _x((4, 8, 8, 3) if name != "net" else (6, 3))
     flax_model = linen_models(nn.BatchNorm)[name]()
@@ -246,6 +246,7 @@ def _mesh():
     return jax.make_mesh((8,), ("batch",))
 
 
+@pytest.mark.slow
 def test_intercept_axis_name_under_shard_map_and_pmap():
     """The ImageNet layout has no axis_name; intercept(axis_name=...) synchronizes it."""
     x = _x((16, 4, 4, 3), seed=4)
@@ -516,7 +517,7 @@ def _nnx_steps(model, x):
     return out
 
 
-@pytest.mark.parametrize("name", ["resnet", "mlp", "sequential"])
+@pytest.mark.parametrize("name", ["sequential", "resnet", "mlp"])  # the cheapest first
 def test_convert_equals_import_swap_bit_for_bit(name):
     x = _x(NNX_INPUTS[name])
     flax_model = nnx_models(nnx.BatchNorm)[name](nnx.Rngs(0, dropout=1))
@@ -576,6 +577,7 @@ def test_convert_in_lists_dicts_tuples_and_shared_references():
     ref.assert_within(old(x), new(x), 8 * U32 * (np.abs(np.asarray(x)) + 1), "old layer")
 
 
+@pytest.mark.slow
 def test_convert_overrides_under_shard_map_equal_import_swap():
     x = _x((16, 8, 8, 3), seed=11)
     mesh = _mesh()
@@ -641,6 +643,7 @@ def test_convert_rebuilds_jaxbn_layers_only_with_overrides():
     _identical(nnx.state(rebuilt), nnx.state(want))
 
 
+@pytest.mark.slow
 def test_convert_keeps_an_optimizer_working():
     x, labels = _x((8, 3)), jnp.arange(8) % 2
     models = [nnx_models(nnx.BatchNorm)["mlp"](nnx.Rngs(0, dropout=1)),
@@ -692,6 +695,7 @@ def test_convert_override_names_cover_the_constructor():
     assert not set(jnnx._OVERRIDABLE) & set(jnnx._FIXED)
 
 
+@pytest.mark.slow
 def test_intercept_under_lifted_transforms_and_intermediates():
     """nn.remat and nn.vmap (an ensemble axis with its own variables), and what
     capture_intermediates records, as with the import swap; interceptors registered inside

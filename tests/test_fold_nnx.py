@@ -125,6 +125,7 @@ def _pairs(model):
     return pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("convert", [False, True], ids=["flax", "jaxbn"])
 def test_folded_resnet_within_propagated_bound_of_unfolded_model(convert):
     """In float64 (the per-pair tests cover float32), where the bound below, although it
