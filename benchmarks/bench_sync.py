@@ -1,9 +1,9 @@
 """Synchronized statistics on fake CPU devices: precision, collectives, payload bytes, time.
 
-Compares the ways :mod:`jaxbn._src.sync_stats` combines per-device moments: ``gather`` (one
-all-gather of every device's two-float moments), ``reduce`` (one all-reduce of sums about a
-shared shift, a second one inside a conditional only when the shift is far from the mean) and
-``two_rounds`` (always both all-reduces). Prints three tables and writes them as JSON:
+Compares the two ways :mod:`jaxbn._src.combine` combines per-device moments (``bn_apply``'s
+``sync_method``): ``gather`` (one all-gather of every device's two-float moments) and
+``reduce`` (two O(F) all-reduces: a provisional mean, then the sums about it). Prints three
+tables and writes them as JSON:
 
 1. median relative error of the variance against float64, 8 devices x 32 rows, next to one
    device holding all 256 rows;
@@ -20,7 +20,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
 
-METHODS = ("gather", "reduce", "two_rounds")
+METHODS = ("gather", "reduce")
 CASES = {"1e4+N(0,1), offset per device": (1e4, 1.0, 1.0), "1e4+N(0,1)": (1e4, 1.0, 0.0),
          "1e3+0.01N(0,1)": (1e3, 0.01, 0.0), "1e4+0.01N(0,1)": (1e4, 0.01, 0.0)}
 
@@ -46,32 +45,17 @@ def _data(case, devices, n, f, seed=0):
     return x.astype(np.float32)
 
 
-@contextlib.contextmanager
-def using(method: str):
-    """Makes ``jaxbn._src.normalize`` combine with ``method`` while a function is traced."""
-    from jaxbn._src import moments, sync_stats
-
-    original = moments.gather_and_pool
-    if method != "gather":
-        moments.gather_and_pool = lambda m, name, groups: sync_stats.combine_across(
-            m, name, groups, method=method)
-    try:
-        yield
-    finally:
-        moments.gather_and_pool = original
-
-
 def precision(devices: int = 8, n: int = 32, f: int = 256) -> dict:
     import jax
     import numpy as np
 
-    from jaxbn._src import moments, sync_stats
+    from jaxbn._src import combine, moments
     from jaxbn._src.layout import make_layout
 
-    def synced(x, method, shift):
+    def synced(x, method):
         def body(x):
             m = moments.local_moments(x, None, make_layout(x.shape, -1))
-            g = sync_stats.combine_across(m, "d", None, shift=shift, method=method)
+            g = combine.combine_across(m, "d", None, method)
             return moments.safe_div(g.m2, g.count)
         return jax.pmap(body, axis_name="d")(x)[0].ravel()
 
@@ -80,17 +64,15 @@ def precision(devices: int = 8, n: int = 32, f: int = 256) -> dict:
         x = _data(case, devices, n, f, seed=1)
         flat = x.reshape(-1, f).astype(np.float64)
         ref = flat.var(0)
-        warm = (flat.mean(0) + 0.3 * np.sqrt(ref)).astype(np.float32)[None]
 
         def err(v, ref=ref):
             return float(np.median(np.abs(np.asarray(v, np.float64) - ref) / ref))
 
-        one = jax.jit(lambda x: moments.batch_moments(x, None, make_layout(x.shape, -1))[1])
+        one = jax.jit(lambda x: moments.finalize(
+            moments.local_moments(x, None, make_layout(x.shape, -1)))[1])
         row = {"one device": err(one(x.reshape(-1, f)).ravel())}
-        row["gather"] = err(synced(x, "gather", None))
-        for method in ("reduce", "two_rounds"):
-            row[f"{method}, cold shift"] = err(synced(x, method, None))
-            row[f"{method}, warm shift"] = err(synced(x, method, warm))
+        for method in METHODS:
+            row[method] = err(synced(x, method))
         rows[case] = row
     return rows
 
@@ -101,7 +83,7 @@ def collectives(f: int = 1024, device_counts=(2, 4, 8)) -> dict:
     import numpy as np
 
     import jaxbn
-    from tests.test_sync_stats import hlo_collectives
+    from tests.test_combine import hlo_collectives
 
     out = {}
     for method in METHODS:
@@ -109,23 +91,23 @@ def collectives(f: int = 1024, device_counts=(2, 4, 8)) -> dict:
             params, state = jaxbn.bn_init(f)
             x = jnp.asarray(_data("1e4+N(0,1)", d, 4, f))
 
-            def fwd(x, params=params, state=state):
-                return jaxbn.bn_apply(params, state, x, True, axis_name="d")[0]
+            def fwd(x, params=params, state=state, method=method):
+                return jaxbn.bn_apply(params, state, x, True, axis_name="d",
+                                      sync_method=method)[0]
 
             def fwd_bwd(x, fwd=fwd):
                 return jax.grad(lambda x: jnp.sum(fwd(x) * x))(x)
 
             row = {}
-            with using(method):
-                for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-                    pm = jax.pmap(fn, axis_name="d", devices=jax.devices()[:d])
-                    ops = hlo_collectives(pm.lower(x).compile().as_text())
-                    row[name] = {
-                        "collectives": len([o for o in ops if not o[2]]),
-                        "in a conditional": len([o for o in ops if o[2]]),
-                        "bytes": int(np.sum([o[1] for o in ops if not o[2]])),
-                        "conditional bytes": int(np.sum([o[1] for o in ops if o[2]])),
-                        "ops": [list(o) for o in ops]}
+            for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
+                pm = jax.pmap(fn, axis_name="d", devices=jax.devices()[:d])
+                ops = hlo_collectives(pm.lower(x).compile().as_text())
+                row[name] = {
+                    "collectives": len([o for o in ops if not o[2]]),
+                    "in a conditional": len([o for o in ops if o[2]]),
+                    "bytes": int(np.sum([o[1] for o in ops if not o[2]])),
+                    "conditional bytes": int(np.sum([o[1] for o in ops if o[2]])),
+                    "ops": [list(o) for o in ops]}
             out[f"{method}, D={d}"] = row
     return out
 
@@ -146,23 +128,22 @@ def timing(rounds: int, shapes) -> dict:
         params, state = jaxbn.bn_init(f)
         rng = np.random.default_rng(0)
         variants = {}
-        for label, offset in (("", 0.0), (" (offset 1e4, cold: 2nd round)", 1e4)):
+        for label, offset in (("", 0.0), (" (offset 1e4)", 1e4)):
             x = jnp.asarray(offset + rng.normal(size=(8 * shape[0],) + shape[1:]), jnp.float32)
             dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
             xs, dys = (jax.device_put(a, NamedSharding(mesh, P("d"))) for a in (x, dy))
 
-            def step(p, x, dy, state=state):
-                def loss(p, x):
-                    y, _ = jaxbn.bn_apply(p, state, x, True, axis_name="d")
-                    return jnp.sum(y * dy)
-                return jax.grad(loss, argnums=(0, 1))(p, x)
+            for method in METHODS:
+                def step(p, x, dy, state=state, method=method):
+                    def loss(p, x):
+                        y, _ = jaxbn.bn_apply(p, state, x, True, axis_name="d",
+                                              sync_method=method)
+                        return jnp.sum(y * dy)
+                    return jax.grad(loss, argnums=(0, 1))(p, x)
 
-            for method in METHODS if not label else ("gather", "reduce"):
-                # A fresh jit per method: jit caches the trace of a function it has seen.
-                fn = jax.jit(jax.shard_map(lambda *a, step=step: step(*a), mesh=mesh,
-                                           in_specs=(P(), P("d"), P("d")),
+                fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("d"), P("d")),
                                            out_specs=(P(), P("d"))))
-                with using(method), jax.set_mesh(mesh):
+                with jax.set_mesh(mesh):
                     compiled = fn.lower(params, xs, dys).compile()
                 variants[method + label] = (lambda c=compiled, a=(params, xs, dys): c(*a))
         for call in variants.values():  # warm up

@@ -426,9 +426,11 @@ def test_float64_statistics_like_flax_linen():
         ev = ours.clone(use_running_average=True).apply({"params": v["params"], **u1}, x)
         assert ev.dtype == jnp.float64
         bn = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
-        _close(bn(x), y1, 1e-9)  # Flax's nnx would keep float32 running statistics here
-        assert bn.mean[...].dtype == jnp.float64
-        np.testing.assert_allclose(bn.var[...], 0.5 + 0.5 * var.ravel(), rtol=1e-12)
+        _close(bn(x), y1, 1e-9)
+        # created float32 (Flax's nnx too): the statistics keep their dtype, rounded once
+        assert bn.mean[...].dtype == jnp.float32
+        # one float32 rounding of a float64 value: within 1 float32 ulp (a tie may go either way)
+        np.testing.assert_allclose(bn.var[...], 0.5 + 0.5 * var.ravel(), rtol=2.0**-23, atol=0)
         assert jaxbn.nnx.BatchNorm(3, param_dtype=jnp.float64,
                                    rngs=nnx.Rngs(0)).mean[...].dtype == jnp.float64
 

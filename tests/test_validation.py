@@ -91,17 +91,29 @@ def _ema_run(state, steps, momentum):
 
 
 @pytest.mark.parametrize("dtype, momentum", [(jnp.bfloat16, 0.999), (jnp.float16, 0.99),
-                                             (jnp.bfloat16, 0.99)])
-def test_half_precision_state_reaches_the_float64_ema(dtype, momentum):
+                                             (jnp.bfloat16, 0.99), (jnp.float32, 0.999)])
+def test_low_precision_state_keeps_its_dtype_and_warns_when_it_stalls(dtype, momentum):
+    """The state comes back in its dtype (a lax.scan carry, a checkpoint's layout); where the
+    EMA cannot follow in that dtype, tracing the step warns, and the stall stays within the
+    documented gap eps / (2 (1 - momentum)) of the closed-form EMA."""
+    from jaxbn._src.state import stall_gap
+
     _, state = jaxbn.bn_init(1)
     state = jax.tree.map(lambda v: v.astype(dtype) if v.dtype == jnp.float32 else v, state)
     steps = 2000
-    out = _ema_run(state, steps, momentum)
+    gap = stall_gap(dtype, momentum)
+    if gap > 0.01:
+        with pytest.warns(UserWarning, match=f"kept in {jnp.dtype(dtype).name}"):
+            out = _ema_run(state, steps, momentum)
+    else:
+        out = _ema_run(state, steps, momentum)
+    assert out["mean"].dtype == dtype and out["var"].dtype == dtype
     truth = 5.0 * (1.0 - momentum ** steps)  # closed form of the EMA from 0: 4.3239 at 0.999
-    assert out["mean"].dtype == jnp.float32  # promoted, as flax.linen does
-    assert float(out["mean"][0]) == pytest.approx(truth, abs=2e-3)  # was 2.0 (bf16, 0.999)
-    var_truth = 1.0 + 0.0 * truth  # var starts at 1 and every batch has variance 1
-    assert float(out["var"][0]) == pytest.approx(var_truth, abs=2e-3)
+    # stalled at most `gap` (relative) below the target it approaches, plus the dtype's
+    # rounding of the value itself
+    eps = float(jnp.finfo(dtype).eps)
+    assert abs(float(out["mean"][0]) - truth) <= gap * 5.0 + eps * truth + 1e-4
+    assert abs(float(out["var"][0]) - 1.0) <= gap + eps  # var starts at 1, every batch's is 1
 
 
 def test_stats_dtype_float64_keeps_float64_statistics():
@@ -117,10 +129,10 @@ def test_stats_dtype_float64_keeps_float64_statistics():
         assert abs(float(jnp.mean(y))) < 1e-6
         mean, var, _ = ref.batch_stats(np.asarray(x))
         np.testing.assert_allclose(new["var"], var.ravel(), rtol=1e-9)
-        # a default (float32) state is promoted by float64 input, as flax.linen does
-        _, promoted = jaxbn.bn_apply(*jaxbn.bn_init(1), x, True, momentum=0.0)
-        assert promoted["mean"].dtype == jnp.float64
-        np.testing.assert_allclose(promoted["mean"], mean.ravel(), rtol=1e-12)
+        # a default (float32) state keeps its dtype: the float64 statistics, rounded once
+        _, kept = jaxbn.bn_apply(*jaxbn.bn_init(1), x, True, momentum=0.0)
+        assert kept["mean"].dtype == jnp.float32
+        np.testing.assert_allclose(kept["mean"], mean.ravel(), rtol=2.0**-23, atol=0)  # 1 ulp
 
 
 def test_stats_dtype_refused_clearly():

@@ -58,14 +58,49 @@ def _concrete_real(value, what: str) -> float | None:
     raise TypeError(f"{what} must be a real number, got {_describe(value)}")
 
 
-def check_input(x) -> None:
+def check_input(x) -> jax.Array:
+    """``x`` as an array: any floating (or complex) array-like with at least one axis."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"x must be an array, got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must have a floating dtype (float16, bfloat16, float32, float64), "
-                        f"got {x.dtype}")
+        if isinstance(x, (str, bytes, Mapping)) or not hasattr(x, "__len__"):
+            raise TypeError(f"x must be an array, got {type(x).__name__}")
+        x = np.asarray(x)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype,
+                                                                    jnp.complexfloating)):
+        raise TypeError(f"x must have a floating dtype (float16, bfloat16, float32, float64; "
+                        f"or complex), got {x.dtype}")
     if x.ndim == 0:
         raise ValueError("x must have at least one axis (the feature axis), got a scalar")
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def check_flag(value, name: str) -> None:
+    """``value`` is a Python (or NumPy) bool: these options select code at trace time."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_describe(value)}")
+
+
+def check_axis_name(axis_name) -> None:
+    """None, one hashable name, or a non-empty tuple/list of distinct names."""
+    if axis_name is None or not isinstance(axis_name, (tuple, list)):
+        return
+    if not axis_name:
+        raise ValueError(f"axis_name={axis_name!r} names no axis: pass the name of a pmap, "
+                         f"shard_map or vmap axis, or None for per-device statistics")
+    dup = sorted({str(n) for n in axis_name if list(axis_name).count(n) > 1})
+    if dup:
+        raise ValueError(f"axis_name={axis_name!r} names {dup} more than once: each device "
+                         f"would be counted once per repetition; name each axis once")
+
+
+def check_param_dtype(dtype) -> None:
+    """``scale``/``bias`` must be floating: a learned parameter cannot be an integer."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"param_dtype must be a floating dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"param_dtype must be a floating dtype (float32, bfloat16, ...), got "
+                        f"{dt}")
 
 
 def check_train_flag(train) -> None:
@@ -106,8 +141,9 @@ def _keys_error(what: str, expected: str, given: list, hint: str = "") -> ValueE
     return ValueError(f"{what} must have keys {expected}, got keys {given}{hint}")
 
 
-def check_params(params) -> None:
-    """``params`` is a mapping whose keys are among ``scale`` and ``bias``."""
+def check_params(params) -> dict:
+    """``params`` is a mapping whose keys are among ``scale`` and ``bias``; returns it as a
+    dict of arrays (array-likes such as lists are accepted)."""
     expected = "among ('scale', 'bias') (as made by bn_init; {} for neither)"
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict with keys {expected}, got {_describe(params)}")
@@ -118,10 +154,18 @@ def check_params(params) -> None:
             hint = "; params and state look swapped: call bn_apply(params, state, x, train)"
         raise _keys_error("params", expected, sorted(map(str, params)),
                           hint + f" (unknown: {unknown})" if not hint else hint)
+    out = {}
+    for key, value in params.items():
+        value = value if isinstance(value, jax.Array) else jnp.asarray(value)
+        if not jnp.issubdtype(value.dtype, jnp.inexact):
+            raise TypeError(f"params[{key!r}] must be a floating array, got {_describe(value)}")
+        out[key] = value
+    return out
 
 
-def check_state(state) -> None:
-    """``state`` is a mapping with ``mean`` and ``var`` and optionally ``count`` and ``seen``."""
+def check_state(state) -> dict:
+    """``state`` is a mapping with ``mean`` and ``var`` and optionally ``count`` and ``seen``;
+    returns it as a dict, ``count`` an integer scalar array (a Python int is accepted)."""
     expected = "'mean' and 'var', optionally 'count' and 'seen' (as made by bn_init)"
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict with keys {expected}, got {_describe(state)}")
@@ -133,11 +177,26 @@ def check_state(state) -> None:
     unknown = [k for k in state if k not in STATE_KEYS]
     if missing or unknown:
         raise _keys_error("state", expected, given, f" (missing: {missing}, unknown: {unknown})")
+    out = dict(state)
     for key in ("mean", "var"):
         dt = getattr(state[key], "dtype", None)
-        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        if dt is None or not jnp.issubdtype(dt, jnp.inexact):
             raise TypeError(f"state[{key!r}] must be a floating array, got "
                             f"{_describe(state[key])}")
+    if "count" in state:
+        count = state["count"]
+        if isinstance(count, (bool, np.bool_)) or not (
+                isinstance(count, (int, np.integer)) or jnp.issubdtype(
+                    getattr(count, "dtype", np.float64), jnp.integer)):
+            raise TypeError(f"state['count'] must be an integer scalar (the number of updates), "
+                            f"got {_describe(count)}")
+        if isinstance(count, (int, np.integer)):
+            count = jnp.asarray(count, jnp.int32)
+        if np.shape(count) != ():
+            raise ValueError(f"state['count'] must be a scalar (one update count per layer), "
+                             f"got shape {tuple(np.shape(count))}")
+        out["count"] = count
+    return out
 
 
 def check_features(layout: Layout, tree: Mapping, what: str) -> None:

@@ -71,6 +71,22 @@ def varying_axes_of_aval(aval) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))
 
 
+def device_count(axis_name: AxisName) -> int:
+    """How many devices the named axes span: the product of the sizes of the names that
+    ``shard_map`` or ``pmap`` bound. A ``vmap`` axis is an array axis (its collectives are
+    array operations), so it counts for 1.
+
+    >>> jax.vmap(lambda v: device_count("b"), axis_name="b")(jnp.zeros(3))  # no devices
+    1
+    """
+    manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+    size = 1
+    for name in names_of(axis_name):
+        if name in manual:
+            size *= lax.axis_size(name)
+    return size
+
+
 def _is_manual(x: jax.Array, names: tuple[Hashable, ...]) -> bool:
     return set(names) <= varying_axes(x)
 

@@ -21,6 +21,9 @@ Two exact methods; which one runs is the ``sync_method`` setting of :func:`jaxbn
   1e4`` in float32).
 * ``"auto"`` (the default): ``"gather"`` up to :data:`AUTO_GATHER_MAX_DEVICES` devices in a
   group, ``"reduce"`` above: one round while the gathered payload is small, O(F) bytes at scale.
+  Devices are counted over the axes ``shard_map`` or ``pmap`` bound; the members of a ``vmap``
+  axis are not devices (per-example code vmapped inside ``pmap`` gathers over the examples
+  for free), so they are not counted, except through ``axis_index_groups``.
 
 Nothing here reads the running statistics: the result depends on the batch alone, whatever
 state each device holds (NaN, far off, or different on every device).
@@ -92,7 +95,8 @@ def combine_across(local: Moments, axis_name: collectives.AxisName, groups: coll
       identical on every device of a group. A feature with no valid element anywhere has
       count 0, mean 0 and ``m2`` 0.
     """
-    method = resolve_method(method, group_size(axis_name, groups))
+    devices = collectives.device_count(axis_name) if groups is None else len(groups[0])
+    method = resolve_method(method, devices)
     if method == "gather":
         return gather(local, axis_name, groups)
     return reduce_two_rounds(local, axis_name, groups)

@@ -1,24 +1,29 @@
 """The public functional API: ``bn_init``, ``bn_apply`` and ``sync_state``.
 
-This module only composes the pieces: validation (``checks``), shapes (``layout``), the
-normalize step (``normalize``), statistics (``moments``) and running updates (``running``).
+``bn_apply`` takes a call in three steps, each a function of its own: :func:`prepare` checks
+the inputs and decides everything static (the layout, the update mode, the device count);
+:func:`train_statistics` (or ``complex_bn.train`` for complex input) normalizes and returns the
+batch statistics; ``state.updated`` makes the new running state. The mathematics lives in
+``moments`` / ``combine`` (statistics), ``normalize`` (the normalize step and its derivative)
+and ``running`` (update rules).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
-from jaxbn._src import checks, collectives, combine, complex_bn, ghost, moments, running
-from jaxbn._src.layout import Axis, Layout, as_features, make_layout
+from jaxbn._src import checks, collectives, complex_bn, ghost, moments, running
+from jaxbn._src.layout import Layout, as_features, make_layout
 from jaxbn._src.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
-
-Params = dict[str, jax.Array]
-State = dict[str, jax.Array]
+from jaxbn._src.options import Options
+from jaxbn._src.state import Batch, Mode, same_container, update_mode, updated
+from jaxbn._src.types import Axis, Params, State
 
 
 def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: bool = True,
@@ -31,18 +36,22 @@ def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: 
         NumPy integers or 0-d integer arrays).
       use_scale: include a learned ``scale`` (initialized to ones).
       use_bias: include a learned ``bias`` (initialized to zeros).
-      param_dtype: dtype of ``scale`` and ``bias``.
+      param_dtype: the floating dtype of ``scale`` and ``bias``.
       stats_dtype: dtype of the running ``mean`` and ``var``: float32 (default) or float64
-        (needs ``jax.config.update("jax_enable_x64", True)``). ``bn_apply`` never narrows
-        it: the updated statistics come back in the wider of this dtype and the batch
-        statistics' (float32, or float64 for float64 input), like flax.linen, so with float64
-        input pass ``stats_dtype=jnp.float64`` to keep the state's dtype fixed from the start
-        (as ``lax.scan`` carries need). A state cast to bfloat16/float16 comes back float32.
+        (needs ``jax.config.update("jax_enable_x64", True)``; use it for float64 input, whose
+        statistics would otherwise be rounded to float32 when stored). ``bn_apply`` returns
+        the statistics in the dtype they were given, so the state's dtypes never change (as a
+        ``lax.scan`` carry or a checkpoint needs).
 
     Returns:
-      ``(params, state)``: ``params = {"scale", "bias"}`` (a key is absent when disabled);
-      ``state = {"mean": zeros, "var": ones, "count": 0}`` where ``count`` is the number of
-      running-statistic updates so far.
+      A pair ``(params, state)``. ``params`` holds ``"scale"`` (ones) and ``"bias"``
+      (zeros), each absent when disabled. ``state`` holds ``"mean"`` (zeros), ``"var"``
+      (ones) and ``"count"`` (an int32 0: the number of running-statistic updates so far).
+
+    Raises:
+      ValueError: ``features`` is not a positive int or tuple of them, or ``stats_dtype`` is
+        not float32/float64.
+      TypeError: ``param_dtype`` is not a floating dtype.
 
     Example:
       >>> import jaxbn
@@ -52,6 +61,7 @@ def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: 
     """
     shape = as_features(features)
     sdt = checks.check_stats_dtype(stats_dtype)
+    checks.check_param_dtype(param_dtype)
     params: Params = {}
     if use_scale:
         params["scale"] = jnp.ones(shape, param_dtype)
@@ -62,17 +72,122 @@ def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: 
     return params, state
 
 
-def _as_broadcast(value, layout: Layout, lead: int = 0):
+class Call(NamedTuple):
+    """One checked call: arrays, the static layout, the options and what they imply."""
+
+    params: dict[str, jax.Array]
+    state: dict[str, jax.Array]
+    x: jax.Array
+    mask: jax.Array | None
+    layout: Layout
+    options: Options  # checked; epsilon a float
+    mode: Mode
+    devices: int  # how many devices' batches are pooled into one set of statistics
+
+
+def broadcast(value: jax.Array | None, layout: Layout, lead: int = 0) -> jax.Array | None:
+    """A per-feature vector reshaped to broadcast against ``x`` (``lead`` extra axes first)."""
     if value is None:
         return None
     return value.reshape((1,) * lead + layout.broadcast_shape)
 
 
-def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: Axis = -1,
+def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Options,
+            mask: Any = None) -> Call:
+    """Checks one call (clear errors at trace time) and decides what is static."""
+    checks.check_train_flag(train)
+    x = checks.check_input(x)
+    params = checks.check_params(params)
+    state = checks.check_state(state)
+    layout = make_layout(x.shape, options.axis)
+    checks.check_features(layout, params, "params")
+    checks.check_features(layout, state, "state")
+    options = options._replace(epsilon=checks.check_epsilon(
+        options.epsilon, moments.stats_dtype(x.dtype)))
+    mode = update_mode(state, options.momentum)
+    if not train:
+        return Call(params, state, x, None, layout, options, mode, 1)
+    options = options.checked()
+    mask = checks.check_mask(mask, layout.shape)
+    options = options._replace(virtual_batch_size=checks.check_virtual_batch(
+        layout.shape, layout.feature_axes, options.virtual_batch_size))
+    if mode == "cumulative" and "count" not in state:
+        raise ValueError("momentum=None (cumulative average) needs state['count']; build the "
+                         "state with bn_init")
+    devices = 1
+    if options.axis_name is not None:
+        axis_size = collectives.check_bound(options.axis_name)
+        groups = collectives.normalize_groups(options.axis_index_groups)
+        checks.check_groups_cover(groups, axis_size, options.axis_name)
+        devices = axis_size if groups is None else len(groups[0])
+    checks.check_enough_elements(layout, mask, devices, options.virtual_batch_size,
+                                 options.allow_single_value)
+    if jnp.iscomplexobj(x):
+        complex_bn.check_supported(options, mode)
+    return Call(params, state, x, mask, layout, options, mode, devices)
+
+
+def train_statistics(call: Call) -> tuple[jax.Array, Batch]:
+    """Training mode for real input: ``y`` and the batch statistics for the running update."""
+    x, mask, layout, opts = call.x, call.mask, call.layout, call.options
+    work_x, work_mask, work_layout, lead = x, mask, layout, 0
+    stats_axis_name = opts.axis_name
+    if opts.virtual_batch_size is not None:  # ghost batches: each device's own groups
+        work_x, work_mask, work_layout = ghost.split(x, mask, layout, opts.virtual_batch_size)
+        lead, stats_axis_name = 1, None
+    dt = moments.stats_dtype(x.dtype)
+    lead_shape = (1,) * lead + layout.broadcast_shape
+    running_mean = call.state["mean"].reshape(lead_shape).astype(dt)
+    running_var = call.state["var"].reshape(lead_shape).astype(dt)
+    renorm = None
+    if opts.renorm is not None:
+        renorm = Renorm(running_mean, running_var, jnp.asarray(opts.renorm[0], dt),
+                        jnp.asarray(opts.renorm[1], dt))
+    groups = collectives.normalize_groups(opts.axis_index_groups)
+    cfg = TrainConfig(work_layout, stats_axis_name, groups, opts.epsilon, opts.sync_method)
+    y, mean, var, count = train_normalize(
+        cfg, work_x, work_mask, broadcast(call.params.get("scale"), layout, lead),
+        broadcast(call.params.get("bias"), layout, lead), renorm,
+        Fallback(running_mean, running_var))  # for features with no valid element
+    y = ghost.merge(y, x) if lead else y
+    mean, var, count = (jnp.broadcast_to(lax.stop_gradient(v), work_layout.broadcast_shape)
+                        .reshape(work_layout.feature_shape) for v in (mean, var, count))
+    if opts.unbiased_running_var and call.mode != "precise":  # precise: once, when pooled
+        var = running.unbiased(var, count)
+    if lead:
+        mean, var, count = ghost.pool(mean, var, count, exact=call.mode == "precise",
+                                      axis_name=opts.axis_name, groups=groups)
+    return y, Batch(mean, var, count)
+
+
+def apply(params: Mapping, state: Mapping, x: Any, train: bool, options: Options,
+          mask: Any = None) -> tuple[jax.Array, Any]:
+    """``bn_apply`` with its options as one :class:`~jaxbn._src.options.Options` (what the
+    wrappers call)."""
+    call = prepare(params, state, x, train, options, mask)
+    layout, opts = call.layout, call.options
+    if not train:
+        normalize = complex_bn.evaluate if jnp.iscomplexobj(call.x) else eval_normalize
+        y = normalize(call.x, broadcast(call.state["mean"], layout),
+                      broadcast(call.state["var"], layout),
+                      broadcast(call.params.get("scale"), layout),
+                      broadcast(call.params.get("bias"), layout), opts.epsilon)
+        return y, state
+    if jnp.iscomplexobj(call.x):
+        y, batch = complex_bn.train(call.x, call.mask, call.params, call.state, layout, opts)
+    else:
+        y, batch = train_statistics(call)
+    new = updated(call.state, batch, call.mode, momentum=opts.momentum,
+                  skip_nonfinite=opts.skip_nonfinite,
+                  unbiased_running_var=opts.unbiased_running_var)
+    return y, same_container(state, new)
+
+
+def bn_apply(params: Params, state: State, x: ArrayLike, train: bool, *, axis: Axis = -1,
              momentum: float | None = 0.99, epsilon: float = 1e-5,
              axis_name: Hashable | tuple[Hashable, ...] | None = None,
              axis_index_groups: Sequence[Sequence[int]] | None = None,
-             mask: jax.Array | None = None, unbiased_running_var: bool = False,
+             mask: ArrayLike | None = None, unbiased_running_var: bool = False,
              virtual_batch_size: int | None = None,
              renorm: tuple[Any, Any] | None = None,
              skip_nonfinite: bool = False,
@@ -81,24 +196,27 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
     """Applies Batch Normalization; returns ``(y, new_state)``.
 
     Args:
-      params: ``{"scale", "bias"}`` from :func:`bn_init` (either key may be absent).
-      state: ``{"mean", "var"}`` running statistics from :func:`bn_init`, optionally with
-        ``"count"`` and ``"seen"``; other keys raise. The new state's statistics come back in
-        the wider of the state's dtype and the batch statistics' (at least float32).
-      x: floating input. ``y`` comes back in ``x``'s dtype; statistics are float32 or wider.
+      params: ``{"scale", "bias"}`` from ``bn_init`` (either key may be absent); arrays or
+        array-likes.
+      state: ``{"mean", "var"}`` running statistics from ``bn_init``, optionally with
+        ``"count"`` (an integer scalar) and ``"seen"``; other keys raise. The new state has the
+        same keys, dtypes and container type (a ``FrozenDict`` stays one): statistics are
+        computed in float32 or wider and stored back in the state's dtype.
+      x: floating (or complex) input, any array-like. ``y`` comes back in ``x``'s dtype.
       train: True normalizes with this batch's statistics (reduced over every axis but
         ``axis``, and over the devices of ``axis_name``) and updates the running statistics;
         False normalizes with the running statistics and returns ``state`` unchanged.
       axis: the feature axis, or a tuple of them (negative values allowed).
-      momentum: running update ``new = momentum * old + (1 - momentum) * batch``; ``None``
-        keeps a cumulative (plain) average of all batch statistics instead.
+      momentum: running update ``new = momentum * old + (1 - momentum) * batch`` (0 takes the
+        batch's statistics, 1 freezes them); ``None`` keeps a cumulative (plain) average of
+        all batch statistics instead.
       epsilon: added to the variance before the square root.
-      axis_name: mesh/pmap/vmap axis name (or tuple of names) to synchronize statistics
-        over. One all-gather forward, one all-reduce backward, count-weighted.
+      axis_name: mesh/pmap/vmap axis name (or tuple of distinct names) to synchronize
+        statistics over, count-weighted.
       axis_index_groups: groups of device indices along ``axis_name`` that share statistics.
       mask: boolean, broadcastable to ``x``: the elements that count toward the statistics.
       unbiased_running_var: accumulate ``n / (n - 1)`` times the batch variance (PyTorch).
-        In precise mode (:func:`jaxbn.reset_stats`) the factor is applied once, with ``n`` the
+        In precise mode (``jaxbn.reset_stats``) the factor is applied once, with ``n`` the
         whole population's count, so the result is the unbiased variance of all the batches.
       virtual_batch_size: ghost batch normalization: normalize consecutive groups of this many
         examples (along axis 0) with their own statistics.
@@ -111,6 +229,21 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
         variance is 0, so ``y = bias`` and the running variance is pulled toward 0. An empty
         batch (no values) is always accepted: ``y`` is empty and the state is unchanged, as
         with an all-False ``mask``.
+      sync_method: how statistics are combined over the devices of ``axis_name``:
+        ``"gather"`` (one all-gather of ``(3F + c) * D`` floats), ``"reduce"`` (two all-reduces
+        of O(F) floats, whatever the device count ``D``), or ``"auto"`` (gather up to
+        ``AUTO_GATHER_MAX_DEVICES = 8`` devices per group, reduce above). All three are exact
+        and depend on the batch alone, never on the running statistics.
+
+    Returns:
+      ``(y, new_state)``: the normalized ``x`` and the new running state (``state`` itself
+      when ``train`` is False).
+
+    Raises:
+      TypeError: an argument of the wrong type (``x`` not floating, ``train`` not a bool, a
+        non-boolean ``mask``, ...).
+      ValueError: shapes that do not match, options out of range, or an unbound
+        ``axis_name`` (``jaxbn.UnboundAxisNameError``).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn
@@ -121,97 +254,10 @@ def bn_apply(params: Params, state: State, x: jax.Array, train: bool, *, axis: A
       True [1. 1. 1. 1.]
       >>> y_eval, _ = jaxbn.bn_apply(params, state, x, train=False)
     """
-    if hasattr(x, "dtype") and jnp.iscomplexobj(x):  # a variant of its own (plain jnp)
-        return complex_bn.complex_bn_apply(
-            params, state, x, train, axis=axis, momentum=momentum, epsilon=epsilon,
-            axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-            unbiased_running_var=unbiased_running_var, virtual_batch_size=virtual_batch_size,
-            renorm=renorm, skip_nonfinite=skip_nonfinite, allow_single_value=allow_single_value,
-            sync_method=sync_method)
-    checks.check_input(x)
-    checks.check_train_flag(train)
-    checks.check_params(params)
-    checks.check_state(state)
-    layout = make_layout(x.shape, axis)
-    checks.check_features(layout, params, "params")
-    checks.check_features(layout, state, "state")
-    epsilon = checks.check_epsilon(epsilon, moments.stats_dtype(x.dtype))
-    scale, bias = params.get("scale"), params.get("bias")
-    if not train:
-        y = eval_normalize(x, _as_broadcast(state["mean"], layout),
-                           _as_broadcast(state["var"], layout), _as_broadcast(scale, layout),
-                           _as_broadcast(bias, layout), float(epsilon))
-        return y, state
-
-    checks.check_momentum(momentum)
-    mask = checks.check_mask(mask, layout.shape)
-    checks.check_groups(axis_name, axis_index_groups)
-    virtual_batch_size = checks.check_virtual_batch(layout.shape, layout.feature_axes,
-                                                    virtual_batch_size)
-    checks.check_renorm(renorm)
-    if momentum is None and "count" not in state:
-        raise ValueError("momentum=None (cumulative average) needs state['count']; build the "
-                         "state with bn_init")
-    groups = collectives.normalize_groups(axis_index_groups)
-    devices = 1  # how many devices' batches are pooled into one set of statistics
-    if axis_name is not None:
-        axis_size = collectives.check_bound(axis_name)
-        checks.check_groups_cover(groups, axis_size, axis_name)
-        devices = axis_size if groups is None else len(groups[0])
-    checks.check_enough_elements(layout, mask, devices, virtual_batch_size, allow_single_value)
-
-    work_x, work_mask, work_layout, lead = x, mask, layout, 0
-    stats_axis_name = axis_name
-    if virtual_batch_size is not None:  # ghost batches: each device's own groups
-        work_x, work_mask, work_layout = ghost.split(x, mask, layout, virtual_batch_size)
-        lead, stats_axis_name = 1, None
-    scale_b, bias_b = _as_broadcast(scale, layout, lead), _as_broadcast(bias, layout, lead)
-    dt = moments.stats_dtype(x.dtype)
-    running_mean = _as_broadcast(state["mean"], layout, lead).astype(dt)
-    running_var = _as_broadcast(state["var"], layout, lead).astype(dt)
-    rn = None
-    if renorm is not None:
-        rn = Renorm(running_mean, running_var, jnp.asarray(renorm[0], dt),
-                    jnp.asarray(renorm[1], dt))
-    fallback = Fallback(running_mean, running_var)  # features with no valid element
-    cfg = TrainConfig(work_layout, stats_axis_name, groups, float(epsilon),
-                      combine.check_method(sync_method))
-    y, mean, var, count = train_normalize(cfg, work_x, work_mask, scale_b, bias_b, rn, fallback)
-    y = ghost.merge(y, x) if lead else y
-
-    mean, var, count = (jnp.broadcast_to(lax.stop_gradient(v), work_layout.broadcast_shape)
-                        .reshape(work_layout.feature_shape) for v in (mean, var, count))
-    if unbiased_running_var and "seen" not in state:  # precise mode: once, in _update_state
-        var = running.unbiased(var, count)
-    if lead:
-        mean, var, count = ghost.pool(mean, var, count, exact="seen" in state,
-                                      axis_name=axis_name, groups=groups)
-    return y, _update_state(state, mean, var, count, momentum, skip_nonfinite,
-                            unbiased_running_var)
-
-
-def _update_state(state: State, mean, var, count, momentum, skip_nonfinite,
-                  unbiased_running_var: bool = False) -> State:
-    """The new running statistics. Each comes back in ``running.update_dtype``: never narrower
-    than the given state or the batch statistics (a bfloat16 state comes back float32)."""
-    ok = count > 0
-    if skip_nonfinite:
-        ok = ok & jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
-    if "seen" in state:  # precise mode (see reset_stats): exact population statistics
-        m, v, seen = running.accumulate(state["mean"], state["var"], state["seen"], mean, var,
-                                        count, unbiased_var=unbiased_running_var)
-        updated = {"mean": m, "var": v, "seen": seen}
-    elif momentum is None:
-        updated = {k: running.cumulative(state[k], b, state["count"])
-                   for k, b in (("mean", mean), ("var", var))}
-    else:
-        updated = {k: running.ema(state[k], b, momentum) for k, b in (("mean", mean), ("var", var))}
-    new = dict(state)
-    for key, value in updated.items():
-        new[key] = running.keep_where(ok, value, state[key])
-    if "count" in state:
-        new["count"] = state["count"] + jnp.any(ok).astype(state["count"].dtype)
-    return new
+    options = Options(axis, momentum, epsilon, axis_name, axis_index_groups,
+                      unbiased_running_var, virtual_batch_size, renorm, skip_nonfinite,
+                      allow_single_value, sync_method)
+    return apply(params, state, x, train, options, mask)
 
 
 def sync_state(state: State, axis_name: Hashable | tuple[Hashable, ...],
@@ -235,6 +281,6 @@ def sync_state(state: State, axis_name: Hashable | tuple[Hashable, ...],
     checks.check_groups_cover(groups, axis_size, axis_name)
     stacked = jnp.stack([state["mean"], state["var"].astype(state["mean"].dtype)])
     avg = collectives.mean_over(stacked, axis_name, groups)
-    new = dict(state)
+    new: Any = dict(state)
     new["mean"], new["var"] = avg[0], avg[1].astype(state["var"].dtype)
     return new
