@@ -311,3 +311,71 @@ def accumulate_bound(old, batch, dtype=np.float32):
     e_var = ((1 - w) * e_va + w * e_vb + 2 * w * (1 - w) * np.abs(delta) * e_delta
              + 6 * u * ((1 - w) * v_a + w * v_b + w * (1 - w) * delta ** 2))
     return mean, var, total, e_mean, e_var
+
+
+def stats_with_bounds(x, axis=-1, mask=None, dtype=np.float32, stable=True):
+    """``(mean, var, n, e_mean, e_var)`` in feature shape: a batch's statistics as a state holds
+    them (rounded to ``dtype``) with their bounds; the tuple :func:`accumulate_bound` takes."""
+    x = np.asarray(x, np.float64)
+    feats, _ = _axes(x.ndim, axis)
+    fshape = tuple(x.shape[a] for a in feats)
+    mo = moments_bound(x, axis, mask, dtype, stable)
+    return tuple(mo[k].reshape(fshape) for k in ("mean", "var", "n", "e_mean_stored",
+                                                 "e_var_stored"))
+
+
+def cumulative_bound(old, batch, e_old, e_batch, k, dtype=np.float32):
+    """Bound on the plain average after ``k`` earlier updates, ``old + (batch - old) / (k + 1)``:
+    each input's error times its weight, plus the roundings of the difference, the division and
+    the sum."""
+    u = unit_roundoff(dtype)
+    old, batch = np.asarray(old, np.float64), np.asarray(batch, np.float64)
+    new = old + (batch - old) / (k + 1)
+    return (k * np.asarray(e_old, np.float64) + np.asarray(e_batch, np.float64)) / (k + 1) + (
+        3 * u * np.abs(batch - old) / (k + 1) + u * np.abs(new))
+
+
+def renorm_forward(x, scale, bias, rmean, rvar, r_max, d_max, axis=-1, mask=None, eps=1e-5):
+    """Batch renormalization's training output (Ioffe 2017) in float64, and ``r`` and ``d``:
+    ``y = scale * (xhat * r + d) + bias`` with ``r = clip(sigma_B / sigma, 1/r_max, r_max)``,
+    ``d = clip((mean_B - mean) / sigma, -d_max, d_max)``; ``mean``, ``sigma`` the running ones."""
+    x = np.asarray(x, np.float64)
+    feats, _ = _axes(x.ndim, axis)
+    b = _bshape(x.shape, feats)
+    mean, var, _ = batch_stats(x, axis, mask)
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.sqrt(np.asarray(rvar, np.float64).reshape(b) + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mean - np.asarray(rmean, np.float64).reshape(b)) / sigma, -d_max, d_max)
+    y = (x - mean) / sigma_b * r + d
+    s = 1.0 if scale is None else np.asarray(scale, np.float64).reshape(b)
+    c = 0.0 if bias is None else np.asarray(bias, np.float64).reshape(b)
+    return y * s + c, r, d
+
+
+def renorm_forward_bound(x, scale, bias, rmean, rvar, r_max, d_max, axis=-1, mask=None,
+                         eps=1e-5, dtype=np.float32):
+    """Elementwise bound on :func:`renorm_forward`'s ``y`` computed in ``dtype``; also returns
+    the relative bound on ``r`` (for gradients, where ``r`` scales ``dx``).
+
+    ``xhat`` as in :func:`bn_forward_bound` (scale 1, bias 0), times ``r``; ``r``'s relative
+    error is half the batch variance's plus a few ulps of two square roots and a division (0
+    once clipped, unless within that error of the clip); ``d``'s is the mean's error over
+    ``sigma`` plus a few ulps.
+    """
+    x = np.asarray(x, np.float64)
+    feats, _ = _axes(x.ndim, axis)
+    b = _bshape(x.shape, feats)
+    u = unit_roundoff(dtype)
+    mo = moments_bound(x, axis, mask, dtype)
+    y, r, d = renorm_forward(x, None, None, rmean, rvar, r_max, d_max, axis, mask, eps)
+    sigma = np.sqrt(np.asarray(rvar, np.float64).reshape(b) + eps)
+    e_r = mo["e_var"] / (2 * (mo["var"] + eps)) + (2 * RSQRT_ULPS + 2) * u
+    e_d = (mo["e_mean"] + u * np.abs(mo["mean"] - np.asarray(rmean, np.float64).reshape(b))
+           ) / sigma + np.abs(d) * (RSQRT_ULPS + 2) * u
+    xhat = (x - mo["mean"]) / np.sqrt(mo["var"] + eps)
+    e_xhat = bn_forward_bound(x, None, None, axis, mask, eps, dtype)
+    s, c = _affine_magnitudes(x, scale, bias, feats)
+    bound = s * (r * e_xhat + np.abs(xhat) * r * (e_r + u) + e_d + u * np.abs(y)) + (
+        2 * u * (s * np.abs(y) + c))
+    return bound, e_r
