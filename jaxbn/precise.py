@@ -34,27 +34,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxbn._src.state import same_container
+
 
 def _is_bn_state(node) -> bool:
     return isinstance(node, Mapping) and "mean" in node and "var" in node
-
-
-def _rebuild(like: Mapping, items: dict) -> Any:
-    """``items`` as a mapping of ``like``'s type (dict, FrozenDict, ...)."""
-    if type(like) is dict:
-        return items
-    cls: Any = type(like)
-    try:
-        return cls(items)
-    except TypeError:
-        return items
 
 
 def _map_states(tree, fn):
     """Applies ``fn`` to every BatchNorm state (a mapping with ``mean`` and ``var``) in ``tree``:
     any pytree of dicts, lists, tuples, NamedTuples, FrozenDicts... Other leaves are kept."""
     def visit(node):
-        return _rebuild(node, fn(dict(node))) if _is_bn_state(node) else node
+        return same_container(node, fn(dict(node))) if _is_bn_state(node) else node
     return jax.tree.map(visit, tree, is_leaf=_is_bn_state)
 
 
@@ -105,4 +96,4 @@ def precise_linen_stats(apply_fn: Callable, variables: dict, batches: Iterable,
         _, upd = apply_fn({**variables, "batch_stats": stats}, batch, mutable=("batch_stats",),
                           **apply_kwargs)
         stats = upd["batch_stats"]
-    return _rebuild(variables, {**variables, "batch_stats": finish_stats(stats)})
+    return same_container(variables, {**variables, "batch_stats": finish_stats(stats)})

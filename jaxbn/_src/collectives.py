@@ -76,8 +76,10 @@ def device_count(axis_name: AxisName) -> int:
     ``shard_map`` or ``pmap`` bound. A ``vmap`` axis is an array axis (its collectives are
     array operations), so it counts for 1.
 
-    >>> jax.vmap(lambda v: device_count("b"), axis_name="b")(jnp.zeros(3))  # no devices
-    1
+    >>> counts = []
+    >>> _ = jax.vmap(lambda v: counts.append(device_count("b")) or v, axis_name="b")(jnp.ones(3))
+    >>> counts  # a vmap axis spans no devices
+    [1]
     """
     manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
     size = 1
@@ -149,17 +151,19 @@ def _grouped(fn, value, names, groups):
         raise
 
 
-def sum_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
-    """Sums ``value`` over the named devices (one all-reduce)."""
+def _all_reduce(value: jax.Array, axis_name: AxisName, groups: Groups, collective,
+                local) -> jax.Array:
     names = names_of(axis_name)
     if _vmapped_on_explicit_mesh(names):
-        return jnp.sum(gather_stacked(value, axis_name, groups), axis=0)
-    return _grouped(lax.psum, value, names, groups)
+        return local(gather_stacked(value, axis_name, groups), axis=0)
+    return _grouped(collective, value, names, groups)
+
+
+def sum_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
+    """Sums ``value`` over the named devices (one all-reduce)."""
+    return _all_reduce(value, axis_name, groups, lax.psum, jnp.sum)
 
 
 def mean_over(value: jax.Array, axis_name: AxisName, groups: Groups) -> jax.Array:
     """Averages ``value`` over the named devices (one all-reduce)."""
-    names = names_of(axis_name)
-    if _vmapped_on_explicit_mesh(names):
-        return jnp.mean(gather_stacked(value, axis_name, groups), axis=0)
-    return _grouped(lax.pmean, value, names, groups)
+    return _all_reduce(value, axis_name, groups, lax.pmean, jnp.mean)
