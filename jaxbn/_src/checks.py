@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn._src.layout import Layout, as_index
+from jaxbn._src.layout import Dim, Layout, as_index, describe_dim, is_static, provably_equal
 
 PARAM_KEYS = ("scale", "bias")
 STATE_KEYS = ("mean", "var", "count", "seen")  # "count" and "seen" are optional
@@ -211,19 +211,28 @@ def check_features(layout: Layout, tree: Mapping, what: str) -> None:
                 f"right features")
 
 
-def check_mask(mask, x_shape: tuple[int, ...]):
+def _broadcasts_to(shape: tuple[Dim, ...], target: tuple[Dim, ...]) -> bool:
+    """``shape`` broadcasts to ``target``: each size, aligned from the right, is 1 or the
+    target's (for symbolic sizes: provably so, whatever values the symbols take)."""
+    if len(shape) > len(target):
+        return False
+    return all(provably_equal(s, 1) or provably_equal(s, t)
+               for s, t in zip(shape, target[len(target) - len(shape):], strict=True))
+
+
+def check_mask(mask, x_shape: tuple[Dim, ...]):
     if mask is None:
         return None
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be boolean, got dtype {mask.dtype}")
-    try:
-        out = np.broadcast_shapes(tuple(mask.shape), x_shape)
-    except ValueError:
-        out = None
-    if out != x_shape:
+    if not _broadcasts_to(tuple(mask.shape), x_shape):
+        symbolic = ""
+        if not all(is_static(d) for d in tuple(mask.shape) + tuple(x_shape)):
+            symbolic = (" (with symbolic sizes, each of the mask's sizes must be 1 or the same "
+                        "expression as x's, for every value of the symbols)")
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape "
-                         f"{x_shape}")
+                         f"{x_shape}{symbolic}")
     return mask
 
 
@@ -237,17 +246,27 @@ def check_enough_elements(layout: Layout, mask, devices: int = 1,
     batches are per device, so ``devices`` does not count). An empty
     batch (count 0) is accepted: ``y`` is empty and the state is left unchanged. With a mask
     the count is only known at run time and is not checked here.
+
+    With symbolic sizes (``jax.export``) the count is an expression: a count that is 1 for
+    every value of the symbols raises; one that may be 1 for some values (``b`` for a batch
+    ``(b, 8)``) cannot be refused at trace time and is accepted, as with ``allow_single_value``
+    (the exported function then gives variance 0 and ``y = bias`` for a batch of one). To
+    refuse it there, export with a constraint: ``jax.export.symbolic_shape("b, 8",
+    constraints=("b >= 2",))`` makes the exported function raise when called with ``b = 1``.
     """
     if mask is not None or allow_single_value:
         return
     local = layout.local_count
     vb = ""
     if virtual_batch_size is not None:  # ghost batches are each device's own groups
-        local = local // max(layout.shape[0], 1) * virtual_batch_size
+        # the elements of one ghost batch: virtual_batch_size rows of the other reduced axes
+        # (none when the batch is empty)
+        rows = math.prod(layout.shape[a] for a in layout.reduce_axes if a != 0)
+        local = 0 if provably_equal(layout.shape[0], 0) else rows * virtual_batch_size
         vb = f" in each ghost batch of virtual_batch_size={virtual_batch_size}"
         devices = 1
     total = local * devices
-    if total == 1:
+    if provably_equal(total, 1):
         pooled = f" over the {devices} pooled device(s)" if devices > 1 else ""
         raise ValueError(
             f"training needs more than one value per feature to compute a variance; x of "
@@ -278,7 +297,7 @@ def check_groups_cover(groups: tuple[tuple[int, ...], ...] | None, axis_size: in
             f"(out of range: {bad}, repeated: {dup}, missing: {missing})")
 
 
-def check_virtual_batch(x_shape: tuple[int, ...], feature_axes,
+def check_virtual_batch(x_shape: tuple[Dim, ...], feature_axes,
                         virtual_batch_size) -> int | None:
     """Returns ``virtual_batch_size`` as an int (or None) after checking it splits axis 0."""
     if virtual_batch_size is None:
@@ -289,7 +308,15 @@ def check_virtual_batch(x_shape: tuple[int, ...], feature_axes,
     if 0 in feature_axes:
         raise ValueError("virtual_batch_size splits axis 0 (the batch), which is a feature axis "
                          "here")
-    if x_shape[0] % size:
+    remainder = x_shape[0] % size
+    if not is_static(remainder):  # a symbolic batch size (jax.export) not known to divide
+        raise ValueError(
+            f"the batch size {describe_dim(x_shape[0])} (axis 0) is not known to be divisible "
+            f"by virtual_batch_size={size}: ghost batches split axis 0 into groups of {size}, "
+            f"which needs a batch size that is a multiple of {size} for every value of the "
+            f"symbols. Export with a batch dimension written as one, e.g. "
+            f"jax.export.symbolic_shape('{size}*k, ...')")
+    if remainder:
         raise ValueError(f"the batch size {x_shape[0]} (axis 0) is not divisible by "
                          f"virtual_batch_size={size}")
     return size

@@ -3,6 +3,13 @@
 Every other module asks this one how a per-feature vector lines up with ``x``; nothing
 else normalizes axes.
 
+A size is a Python int, or, when ``x`` is traced by ``jax.export`` with a symbolic shape
+(``jax.export.symbolic_shape("b, 8")``), a symbolic dimension: an expression in the shape's
+symbols whose value is only known when the exported function is called. Sizes are never
+passed to ``int()``: a static size stays a Python int (the computation, and the compiled
+program, are then those of an ordinary call), a symbolic one stays an expression, and where
+a value is needed it becomes a ``jnp`` value (:func:`as_count`).
+
 Example:
     >>> from jaxbn._src.layout import make_layout
     >>> lay = make_layout((8, 3, 5, 5), axis=1)
@@ -18,9 +25,69 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import export as jax_export
 
 Axis = int | Sequence[int]
+#: A size along one axis: a Python int, or a symbolic dimension of ``jax.export`` (an
+#: expression such as ``b`` or ``4*k``, whose value is known only when the export is called).
+Dim = Any
+
+
+def is_static(size: Dim) -> bool:
+    """True for a size known at trace time (a Python int); False for a symbolic dimension.
+
+    >>> from jax import export
+    >>> is_static(8), is_static(export.symbolic_shape("b")[0])
+    (True, False)
+    """
+    return not jax_export.is_symbolic_dim(size)
+
+
+def as_dim(size: Any) -> Dim:
+    """One entry of a shape: a symbolic dimension as it is, anything else as a Python int."""
+    return size if jax_export.is_symbolic_dim(size) else operator.index(size)
+
+
+def describe_dim(size: Dim) -> str:
+    """``size`` for an error message: ``8``, or ``'b' (symbolic)``."""
+    return str(size) if is_static(size) else f"'{size}' (symbolic)"
+
+
+def provably(decide) -> bool | None:
+    """The answer to a comparison of sizes, or None when symbolic sizes leave it open.
+
+    ``decide`` is a function of no arguments making the comparison (``lambda: n >= 2``):
+    with symbolic sizes JAX decides it from the symbols' bounds (every symbol is >= 1, plus
+    the export's constraints) or raises ``InconclusiveDimensionOperation``, returned here as
+    None. Equality is not decided this way: ``==`` on a symbolic size answers False when it
+    cannot prove equality (use :func:`provably_equal`).
+    """
+    try:
+        return bool(decide())
+    except jax.errors.InconclusiveDimensionOperation:
+        return None
+
+
+def provably_equal(a: Dim, b: Dim) -> bool:
+    """True when sizes ``a`` and ``b`` are equal for every value of their symbols."""
+    if a == b:  # for symbolic sizes, True only when their difference is the constant 0
+        return True
+    if is_static(a) and is_static(b):
+        return False
+    return provably(lambda: a >= b) is True and provably(lambda: b >= a) is True
+
+
+def as_count(n: Dim, dtype: Any) -> Any:
+    """A number of elements for arithmetic: a static count as the Python int it is (folded at
+    trace time, as in an ordinary call), a symbolic one (``jax.export``) as a scalar ``jnp``
+    value of ``dtype``, computed when the exported function runs.
+
+    >>> as_count(6, jnp.float32)
+    6
+    """
+    return n if is_static(n) else jnp.asarray(n, dtype)
 
 
 def typed_sharding(x) -> tuple[Any, tuple] | None:
@@ -37,16 +104,22 @@ def typed_sharding(x) -> tuple[Any, tuple] | None:
 class Layout(NamedTuple):
     """Static description of how ``x`` splits into feature and reduced axes."""
 
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]  # Python ints, or symbolic dimensions under jax.export
     feature_axes: tuple[int, ...]  # sorted, non-negative
     reduce_axes: tuple[int, ...]
-    feature_shape: tuple[int, ...]  # sizes of x along feature_axes
-    broadcast_shape: tuple[int, ...]  # x.ndim entries, 1 on reduced axes
+    feature_shape: tuple[Dim, ...]  # sizes of x along feature_axes
+    broadcast_shape: tuple[Dim, ...]  # x.ndim entries, 1 on reduced axes
 
     @property
-    def local_count(self) -> int:
-        """Number of elements reduced per feature on this device (no mask)."""
+    def local_count(self) -> Dim:
+        """Number of elements reduced per feature on this device (no mask): a Python int,
+        or a symbolic dimension when a reduced axis has a symbolic size."""
         return math.prod(self.shape[a] for a in self.reduce_axes)
+
+    @property
+    def static(self) -> bool:
+        """True when every size is a Python int (no symbolic dimension)."""
+        return all(is_static(s) for s in self.shape)
 
 
 def as_index(value: Any, what: str) -> int:
@@ -93,9 +166,13 @@ def canonicalize_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def make_layout(shape: Sequence[int], axis: Axis) -> Layout:
-    """Builds the :class:`Layout` of an input of ``shape`` with feature axes ``axis``."""
-    shape = tuple(int(s) for s in shape)
+def make_layout(shape: Sequence[Dim], axis: Axis) -> Layout:
+    """Builds the :class:`Layout` of an input of ``shape`` with feature axes ``axis``.
+
+    ``shape`` holds ints (any integer type), or symbolic dimensions (``jax.export``), which are
+    kept as they are.
+    """
+    shape = tuple(as_dim(s) for s in shape)
     feature_axes = canonicalize_axes(len(shape), axis)
     reduce_axes = tuple(a for a in range(len(shape)) if a not in feature_axes)
     feature_shape = tuple(shape[a] for a in feature_axes)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._src.layout import Layout
+from jaxbn._src.layout import Layout, as_count
 from jaxbn._src.private_copies import fresh
 
 
@@ -34,8 +34,9 @@ class Moments(NamedTuple):
 
     The mean is ``m0 + corr`` (two floats: ``m0`` a provisional mean, ``corr`` its small
     correction); ``m2`` is the sum of squared deviations about that mean. ``count`` is a Python
-    int when no mask is given (every device holds the same static number of elements), else an
-    array broadcastable to ``m0``.
+    int when no mask is given and the shape is static (every device holds the same static
+    number of elements), else an array broadcastable to ``m0`` (with a mask, or a symbolic
+    shape under ``jax.export``).
     """
 
     count: jax.Array | int  # type: ignore[assignment]  # (shadows tuple.count on purpose)
@@ -73,7 +74,7 @@ def masked_count(mask: jax.Array, layout: Layout, dtype) -> jax.Array:
     for a in layout.reduce_axes:
         if m.shape[a] == 1:
             repeat *= layout.shape[a]
-    return counted * repeat
+    return counted * as_count(repeat, dtype)  # a symbolic size (jax.export): a jnp value
 
 
 def opaque(m0: jax.Array) -> jax.Array:
@@ -102,8 +103,8 @@ def local_moments(x: jax.Array, mask: jax.Array | None, layout: Layout) -> Momen
     axes = layout.reduce_axes
     n: jax.Array | int
     if mask is None:  # each pass reads x itself (see ``private_copies``)
-        n = layout.local_count
-        m0 = opaque(jnp.sum(x.astype(dt), axis=axes, keepdims=True) / max(n, 1))
+        n = as_count(layout.local_count, dt)  # an int, or a jnp value for a symbolic size
+        m0 = opaque(safe_div(jnp.sum(x.astype(dt), axis=axes, keepdims=True), n))
         x_a, m0_a = fresh(x, m0)
         s1 = jnp.sum(x_a.astype(dt) - m0_a, axis=axes, keepdims=True)
         x_b, m0_b = fresh(x_a, m0_a)  # from the first copy: XLA merges identical barriers
