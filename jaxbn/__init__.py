@@ -18,6 +18,7 @@ from jaxbn.fold import fold_conv, fold_dense, fold_linen
 from jaxbn.precise import finish_stats, precise_linen_stats, reset_stats
 
 if TYPE_CHECKING:  # type checkers see the wrappers; at run time they load on first use
+    from jaxbn import equinox as equinox
     from jaxbn import linen as linen
     from jaxbn import nnx as nnx
 

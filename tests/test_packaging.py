@@ -69,25 +69,31 @@ def test_the_functional_core_works_without_flax():
     assert_within(y, want, bound, "y")
 
 
-@pytest.mark.parametrize("module", ["jaxbn.linen", "jaxbn.nnx"])
+# (wrapper module, the library it needs)
+WRAPPERS = [("jaxbn.linen", "flax"), ("jaxbn.nnx", "flax"), ("jaxbn.equinox", "equinox")]
+
+
+@pytest.mark.parametrize(("module", "library"), WRAPPERS)
 @pytest.mark.parametrize("how", ["import", "attribute"])
-def test_a_flax_wrapper_without_flax_names_the_extra(module, how):
+def test_a_wrapper_without_its_library_names_the_extra(module, library, how):
     use = f"import {module}" if how == "import" else f"import jaxbn; jaxbn.{module[6:]}"
-    out = run_python(WITHOUT_FLAX + "try:\n"
+    out = run_python(f"import sys\nsys.modules[{library!r}] = None\ntry:\n"
                      f"    {use}\n"
                      "except ModuleNotFoundError as e:\n"
                      "    print(type(e).__name__, e.name, '|', e)\n")
-    assert out.startswith("ModuleNotFoundError flax |"), out
-    assert f"{module} needs flax" in out and "pip install 'jaxbn[flax]'" in out, out
+    assert out.startswith(f"ModuleNotFoundError {library} |"), out
+    assert f"{module} needs {library}" in out and f"pip install 'jaxbn[{library}]'" in out, out
 
 
-@pytest.mark.parametrize("module", ["jaxbn.linen", "jaxbn.nnx"])
-def test_a_flax_older_than_the_floor_is_refused(module):
-    out = run_python("import flax\nflax.__version__ = '0.12.6'\ntry:\n"
+@pytest.mark.parametrize(("module", "library"), WRAPPERS)
+def test_a_library_older_than_the_floor_is_refused(module, library):
+    old = {"flax": "0.12.6", "equinox": "0.13.7"}[library]
+    out = run_python(f"import {library}\n{library}.__version__ = {old!r}\ntry:\n"
                      f"    import {module}\n"
                      "except ImportError as e:\n"
                      "    print(e)\n")
-    assert f"{module} needs flax>=0.12.7, found flax 0.12.6" in out, out
+    floor = optional.FLOORS[library]
+    assert f"{module} needs {library}>={floor}, found {library} {old}" in out, out
 
 
 def test_a_broken_flax_install_shows_its_own_error():
