@@ -121,15 +121,17 @@ def assert_within(actual, desired, bound, what=""):
 # "stable=True" is the corrected two-pass algorithm that DESIGN.md requires (the mean carried as
 # a provisional mean m0 plus a correction, deviations taken about m0: the error scales with the
 # spread of x, not with its mean); "stable=False" is the plain two-pass one (Flax's
-# use_fast_variance=False: a float32 mean, deviations about that rounded mean).
+# use_fast_variance=False: a float32 mean, deviations about that rounded mean); "fast" is the
+# one-pass E[x**2] - E[x]**2 (Flax's default, use_fast_variance=True), whose variance error scales
+# with the mean squared.
 
 RSQRT_ULPS = 4  # sqrt, rsqrt and division: XLA:CPU may use approximations good to a few ulps
 
 
 def unit_roundoff(dtype) -> float:
-    """Half an ulp of 1 in ``dtype`` (2**-24 for float32, 2**-8 for bfloat16)."""
+    """Half an ulp of 1 in ``dtype`` (2**-24 for float32 and complex64, 2**-8 for bfloat16)."""
     dt = np.dtype(dtype)
-    if dt.kind == "f":
+    if dt.kind in "fc":
         return float(np.finfo(dt).eps) / 2
     import ml_dtypes  # bfloat16 and the other ml_dtypes floats (JAX depends on ml_dtypes)
 
@@ -137,8 +139,20 @@ def unit_roundoff(dtype) -> float:
 
 
 def _weights(x, mask):
-    return np.ones_like(x) if mask is None else np.broadcast_to(
-        np.asarray(mask), x.shape).astype(np.float64)
+    return np.ones(np.shape(x)) if mask is None else np.broadcast_to(
+        np.asarray(mask), np.shape(x)).astype(np.float64)
+
+
+def _float(x):
+    """``x`` in float64 (complex128 if complex)."""
+    x = np.asarray(x)
+    return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def _unit(x, dtype):
+    """Unit roundoff for arithmetic on ``x``: complex products and sums round both parts, so
+    their error in modulus is at most 3 u times the magnitudes (Higham, Lemma 3.5)."""
+    return unit_roundoff(dtype) * (3 if np.iscomplexobj(x) else 1)
 
 
 def moments_bound(x, axis=-1, mask=None, dtype=np.float32, stable=True):
@@ -158,25 +172,33 @@ def moments_bound(x, axis=-1, mask=None, dtype=np.float32, stable=True):
     effect of the mean's error on the deviations (which does not cancel once the sums are
     pooled across devices or batches), plus, for the plain algorithm, ``delta**2``: deviations
     about a rounded mean add its squared error (the stable one subtracts it: ``M2 = sum d**2 -
-    sum(d) * corr``).
+    sum(d) * corr``). ``stable="fast"``: ``E[x**2] - E[x]**2``, off by ``(N + 4) u (D2 / N +
+    mean**2) + 2 |mean| delta + delta**2``.
     """
-    x = np.asarray(x, np.float64)
-    mean, var, n = batch_stats(x, axis, mask)
+    x = _float(x)
     feats, red = _axes(x.ndim, axis)
     w = _weights(x, mask)
-    u = unit_roundoff(dtype)
+    x = np.where(w > 0, x, 0)  # padding may hold anything (NaN): it takes no part
+    n = w.sum(axis=red, keepdims=True)
     nn = np.maximum(n, 1)
+    mean = (w * x).sum(axis=red, keepdims=True) / nn
+    var = (w * np.abs(x - mean) ** 2).sum(axis=red, keepdims=True) / nn
+    u = _unit(x, dtype)
     a1 = (w * np.abs(x)).sum(axis=red, keepdims=True) / nn
     d1 = (w * np.abs(x - mean)).sum(axis=red, keepdims=True) / nn
-    d2 = (w * (x - mean) ** 2).sum(axis=red, keepdims=True) / nn
+    d2 = var
     delta = (nn + 3) * u * a1
-    e_mean = (nn + 2) * u * (d1 + delta) if stable else delta
-    e_var = (nn + 4) * u * (d2 + delta ** 2) + 2 * (d1 + delta) * e_mean
-    if not stable:
-        e_var = e_var + delta ** 2
+    if stable == "fast":
+        e_mean = delta
+        e_var = (nn + 4) * u * (d2 + np.abs(mean) ** 2) + 2 * np.abs(mean) * delta + delta ** 2
+    elif stable:
+        e_mean = (nn + 2) * u * (d1 + delta)
+        e_var = (nn + 4) * u * (d2 + delta ** 2) + 2 * (d1 + delta) * e_mean
+    else:
+        e_mean = delta
+        e_var = (nn + 4) * u * (d2 + delta ** 2) + 2 * (d1 + delta) * e_mean + delta ** 2
     return {"mean": mean, "var": var, "n": n, "delta": delta, "e_mean": e_mean, "e_var": e_var,
-            "e_mean_stored": e_mean + u * np.abs(mean), "e_var_stored": e_var + u * var,
-            "dev1": d1}
+            "e_mean_stored": e_mean + u * np.abs(mean), "e_var_stored": e_var + u * var}
 
 
 def _affine_magnitudes(x, scale, bias, feats):
@@ -204,11 +226,12 @@ def bn_forward_bound(x, scale, bias, axis=-1, mask=None, eps=1e-5, dtype=np.floa
     plus ``|xhat|`` times the relative error of ``rsqrt`` (half the variance's relative error
     plus a few ulps), plus the roundings of the deviation, the products and the bias, all
     times ``|scale|``. ``out_dtype`` (e.g. bfloat16) adds the final rounding of ``y``.
+    Complex input: the same with moduli (and complex roundings, see ``_unit``).
     """
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     feats, _ = _axes(x.ndim, axis)
     mo = moments_bound(x, axis, mask, dtype, stable)
-    u = unit_roundoff(dtype)
+    u = _unit(x, dtype)
     sig2 = mo["var"] + eps
     sigma = np.sqrt(sig2)
     e_inv = mo["e_var"] / (2 * sig2) + (RSQRT_ULPS + 1) * u
@@ -228,12 +251,12 @@ def bn_eval_bound(x, scale, bias, mean, var, axis=-1, eps=1e-5, dtype=np.float32
     ``x * a + c``, the roundings of ``x * a`` and ``mean * a``), a few ulps of ``rsqrt`` and
     the products and bias, times ``|scale|``.
     """
-    x = np.asarray(x, np.float64)
+    x = _float(x)
     feats, _ = _axes(x.ndim, axis)
     b = _bshape(x.shape, feats)
-    mean = np.asarray(mean, np.float64).reshape(b)
+    mean = _float(mean).reshape(b)
     sigma = np.sqrt(np.asarray(var, np.float64).reshape(b) + eps)
-    u = unit_roundoff(dtype)
+    u = _unit(x, dtype)
     s, c = _affine_magnitudes(x, scale, bias, feats)
     xhat = np.abs(x - mean) / sigma
     bound = (s * (2 * u * (np.abs(x) + np.abs(mean)) / sigma + xhat * (RSQRT_ULPS + 4) * u)
@@ -249,14 +272,16 @@ def bn_grads_bound(x, scale, dy, axis=-1, mask=None, eps=1e-5, dtype=np.float32,
     summation bounds, ``G2`` also ``sum|dy|`` times the error of ``xhat``; ``dx = scale / sigma *
     (dy - w G1 / N - w xhat G2 / N)`` carries those divided by ``N``, a few ulps of each term,
     and the relative error of ``1 / sigma``. ``dscale``, ``dbias`` come back in feature shape.
+    Complex input (a real loss of complex outputs, ``dy`` the cotangent): the same form, with
+    moduli and complex roundings.
     """
-    x = np.asarray(x, np.float64)
-    dy = np.asarray(dy, np.float64)
+    x = _float(x)
+    dy = _float(dy)
     feats, red = _axes(x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feats)
     w = _weights(x, mask)
     mo = moments_bound(x, axis, mask, dtype, stable)
-    u = unit_roundoff(dtype)
+    u = _unit(x + dy, dtype)
     sig2 = mo["var"] + eps
     sigma = np.sqrt(sig2)
     e_inv = mo["e_var"] / (2 * sig2) + (RSQRT_ULPS + 1) * u
@@ -268,14 +293,14 @@ def bn_grads_bound(x, scale, dy, axis=-1, mask=None, eps=1e-5, dtype=np.float32,
               + np.abs(xhat) * (e_inv + u))
     g1 = dy.sum(axis=red, keepdims=True)
     g2 = (dy * xhat).sum(axis=red, keepdims=True)
-    e_g1 = sum_error_bound(np.abs(dy).sum(axis=red, keepdims=True), terms, dtype)
-    e_g2 = (sum_error_bound(np.abs(dy * xhat).sum(axis=red, keepdims=True), terms, dtype, 2)
+    e_g1 = (terms + 1) * u * np.abs(dy).sum(axis=red, keepdims=True)
+    e_g2 = ((terms + 2) * u * np.abs(dy * xhat).sum(axis=red, keepdims=True)
             + (np.abs(dy) * e_xhat).sum(axis=red, keepdims=True))
     mult = s / sigma
-    dx = mult * (dy - w * g1 / n - w * xhat * g2 / n)
+    size = mult * (np.abs(dy) + w * (np.abs(g1) + np.abs(xhat * g2)) / n)  # >= |dx|
     inner = w * (e_g1 / n + np.abs(xhat) * e_g2 / n + e_xhat * np.abs(g2) / n
                  + 4 * u * (np.abs(g1) / n + np.abs(xhat * g2) / n)) + 4 * u * np.abs(dy)
-    e_dx = _rounded_to(out_dtype, mult * inner + np.abs(dx) * (e_inv + 2 * u), dx, dtype)
+    e_dx = _rounded_to(out_dtype, mult * inner + size * (e_inv + 2 * u), size, dtype)
     return (e_dx, (e_g2 + u * np.abs(g2)).reshape(fshape), (e_g1 + u * np.abs(g1)).reshape(fshape))
 
 
@@ -284,8 +309,9 @@ def ema_bound(old, batch, e_batch, momentum, dtype=np.float32, e_old=0.0):
     known to ``e_batch`` (and ``old`` to ``e_old``, after earlier updates): each error times its
     weight, plus the roundings of the momentum, of ``1 - momentum``, of the two products and
     of the sum."""
-    u = unit_roundoff(dtype)
-    old, batch = np.abs(np.asarray(old, np.float64)), np.abs(np.asarray(batch, np.float64))
+    old, batch = _float(old), _float(batch)
+    u = _unit(old + batch, dtype)  # complex means: 3 u (see _unit)
+    old, batch = np.abs(old), np.abs(batch)
     return ((1 - momentum) * np.asarray(e_batch, np.float64)
             + momentum * np.asarray(e_old, np.float64) + 3 * u * (old + batch))
 
@@ -379,3 +405,22 @@ def renorm_forward_bound(x, scale, bias, rmean, rvar, r_max, d_max, axis=-1, mas
     bound = s * (r * e_xhat + np.abs(xhat) * r * (e_r + u) + e_d + u * np.abs(y)) + (
         2 * u * (s * np.abs(y) + c))
     return bound, e_r
+
+
+def bn_forward_propagated(x, scale, e_in, axis=-1, mask=None, eps=1e-5):
+    """First-order bound on how far input errors ``e_in`` (elementwise) move a training-mode
+    output: ``|J| e_in`` for BatchNorm's Jacobian per feature, ``J = scale / sigma (I - w / N -
+    xhat xhat^T w / N)`` (``w`` the mask), i.e. ``|scale| / sigma (e_i + mean_w(e) + |xhat_i|
+    mean_w(|xhat| e))``. Adds to :func:`bn_forward_bound` when the input is itself computed."""
+    x = _float(x)
+    feats, red = _axes(x.ndim, axis)
+    w = _weights(x, mask)
+    mo = moments_bound(x, axis, mask)
+    e_in = np.broadcast_to(np.asarray(e_in, np.float64), x.shape)
+    sigma = np.sqrt(mo["var"] + eps)
+    xhat = np.abs(x - mo["mean"]) / sigma
+    valid = np.where(w > 0, xhat * e_in, 0)  # padding (NaN) takes no part in the statistics
+    n = np.maximum(mo["n"], 1)
+    s, _ = _affine_magnitudes(x, scale, None, feats)
+    return s / sigma * (e_in + np.where(w > 0, e_in, 0).sum(axis=red, keepdims=True) / n
+                        + xhat * valid.sum(axis=red, keepdims=True) / n)

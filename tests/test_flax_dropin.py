@@ -16,6 +16,7 @@ from flax.nnx import bridge
 
 import jaxbn.linen
 import jaxbn.nnx
+from tests import reference as ref
 
 KEY = jax.random.key(0)
 
@@ -37,6 +38,40 @@ def _close(a, b, tol, *, dtypes=True):
         if dtypes:
             assert u.dtype == v.dtype, (u.dtype, v.dtype)
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+def _bounds(x, mask=None, scale=None, bias=None, momentum=0.9, old=(0.0, 1.0),
+            out_dtype=None, dtype=np.float32, pair=True, flax_algorithm=False):
+    """Bounds on one training step's ``(y, running mean, running var)`` (feature axis last):
+    jaxbn's float32 (``dtype``) error by the stable algorithm, plus, with ``pair``, Flax's
+    (use_fast_variance=False: the plain two-pass one; ``flax_algorithm="fast"`` for Flax's
+    default), so that two float32 results, each within its bound of the exact one, are within
+    the sum of each other (tests.reference)."""
+    y = mean = var = 0.0
+    f = np.shape(x)[-1:]
+    for stable in (True, flax_algorithm) if pair else (True,):
+        y = y + ref.bn_forward_bound(x, scale, bias, -1, mask, dtype=dtype, out_dtype=out_dtype,
+                                     stable=stable)
+        mo = ref.moments_bound(x, -1, mask, dtype, stable)
+        mean = mean + ref.ema_bound(old[0], mo["mean"].reshape(f),
+                                    mo["e_mean_stored"].reshape(f), momentum, dtype)
+        var = var + ref.ema_bound(old[1], mo["var"].reshape(f), mo["e_var_stored"].reshape(f),
+                                  momentum, dtype)
+    return y, mean, var
+
+
+def _within(a, b, bound, what, valid=True):
+    """``a`` within ``bound`` of ``b`` where ``valid`` (padding may hold anything); complex
+    values part by part (each part of a difference is at most its modulus)."""
+    a, b, bound = (np.where(valid, v, 0) for v in (a, b, bound))
+    for part in (np.real, np.imag) if np.iscomplexobj(a) or np.iscomplexobj(b) else (np.real,):
+        ref.assert_within(part(a), part(b), bound, what)
+
+
+def _stats_within(a, b, bounds, what):
+    """Running statistics ``{"mean", "var"}`` (dicts or nnx states) within their bounds."""
+    for k, bound in zip(("mean", "var"), bounds, strict=True):
+        _within(np.asarray(a[k]), np.asarray(b[k]), bound, f"{what}: running {k}")
 
 
 def _ref(x, mask, axes, eps=1e-5):
@@ -71,15 +106,17 @@ def test_linen_init_in_training_normalizes_with_batch_statistics(masked):
     y2, v2 = _flax_linen(momentum=0.9, use_running_average=False).init_with_output(KEY, x, mask=m)
     valid = np.broadcast_to(True if m is None else np.asarray(m), x.shape)
     mean, var, want = _ref(x, m, (0, 1))
-    np.testing.assert_allclose(np.where(valid, y1, 0), np.where(valid, want, 0), atol=1e-5)
-    np.testing.assert_allclose(np.where(valid, y1, 0), np.where(valid, y2, 0), atol=1e-5)
+    y_pair, mean_pair, var_pair = _bounds(x, m)
+    y_ours, mean_ours, var_ours = _bounds(x, m, pair=False)
+    _within(y1, want, y_ours, "y", valid)
+    _within(y1, y2, y_pair, "y vs Flax", valid)
     _close(v1, v2, 0)  # init leaves the running statistics at zeros/ones
     (_, u1), (_, u2) = (mod.apply(v2, x, mask=m, mutable=["batch_stats"]) for mod in (
         jaxbn.linen.BatchNorm(momentum=0.9, use_running_average=False),
         _flax_linen(momentum=0.9, use_running_average=False)))
-    _close(u1, u2, 1e-5)
-    np.testing.assert_allclose(u1["batch_stats"]["mean"], 0.1 * mean.ravel(), rtol=1e-5)
-    np.testing.assert_allclose(u1["batch_stats"]["var"], 0.9 + 0.1 * var.ravel(), rtol=1e-5)
+    _stats_within(u1["batch_stats"], u2["batch_stats"], (mean_pair, var_pair), "vs Flax")
+    _stats_within(u1["batch_stats"], {"mean": 0.1 * mean.ravel(), "var": 0.9 + 0.1 * var.ravel()},
+                  (mean_ours, var_ours), "vs extended precision")
 
 
 def test_linen_init_with_axis_name_issues_no_collective():
@@ -95,7 +132,16 @@ def test_linen_init_with_axis_name_issues_no_collective():
     x = _x((2, 4))
     (a1, a2), v1 = model(jaxbn.linen.BatchNorm).init_with_output(KEY, x)
     (b1, b2), v2 = model(_flax_linen).init_with_output(KEY, x)
-    _close((a1, a2, v1), (b1, b2, v2), 1e-5)
+    _close(v1, v2, 0)  # init: the running statistics are not updated
+    y_pair = _bounds(x)[0]
+    _within(a1, b1, y_pair, "first layer vs Flax")
+    # the second layer normalizes the first's outputs: its own bound at the exact input, plus
+    # each input's error carried through (tests.reference.bn_forward_propagated)
+    h = ref.bn_forward(x, None, None)
+    second = _bounds(h)[0] + sum(
+        ref.bn_forward_propagated(h, None, ref.bn_forward_bound(x, None, None, stable=stable))
+        for stable in (True, False))
+    _within(a2, b2, second, "second layer vs Flax")
     jaxpr = str(jax.make_jaxpr(lambda x: model(jaxbn.linen.BatchNorm).init(KEY, x))(x))
     assert "psum" not in jaxpr and "all_gather" not in jaxpr and "all_reduce" not in jaxpr
 
@@ -122,17 +168,22 @@ def test_linen_complex_matches_flax(masked):
     assert y1.dtype == y2.dtype == jnp.complex64
     valid = np.broadcast_to(True if m is None else np.asarray(m), x.shape)
     mean, var, want = _ref(x, m, (0, 1))
-    np.testing.assert_allclose(np.where(valid, y1, 0), np.where(valid, want, 0), atol=1e-5)
-    np.testing.assert_allclose(np.where(valid, y1, 0), np.where(valid, y2, 0), atol=1e-5)
+    # complex bounds: moduli, and complex roundings (tests.reference._unit)
+    y_pair, mean_pair, var_pair = _bounds(x, m)
+    y_ours, mean_ours, var_ours = _bounds(x, m, pair=False)
+    _within(y1, want, y_ours, "y", valid)
+    _within(y1, y2, y_pair, "y vs Flax", valid)
     (z1, u1), (z2, u2) = (mod.apply(v1, x, mask=m, mutable=["batch_stats"])
                           for mod in (ours, theirs))
-    np.testing.assert_allclose(np.where(valid, z1, 0), np.where(valid, z2, 0), atol=1e-5)
-    _close(u1, u2, 1e-5)  # complex running mean, real running variance, as in Flax
-    np.testing.assert_allclose(u1["batch_stats"]["mean"], 0.1 * mean.ravel(), atol=1e-6)
-    np.testing.assert_allclose(u1["batch_stats"]["var"], 0.9 + 0.1 * var.ravel(), rtol=1e-5)
+    _within(z1, z2, y_pair, "y vs Flax (apply)", valid)
+    assert jax.tree.map(lambda a: a.dtype, u1) == jax.tree.map(lambda a: a.dtype, u2)
+    _stats_within(u1["batch_stats"], u2["batch_stats"], (mean_pair, var_pair), "vs Flax")
+    _stats_within(u1["batch_stats"], {"mean": 0.1 * mean.ravel(), "var": 0.9 + 0.1 * var.ravel()},
+                  (mean_ours, var_ours), "vs extended precision")
     e1, e2 = (mod.clone(use_running_average=True).apply({"params": v1["params"], **u1}, x)
               for mod in (ours, theirs))
-    np.testing.assert_allclose(np.where(valid, e1, 0), np.where(valid, e2, 0), atol=1e-5)
+    stats = (u1["batch_stats"]["mean"], u1["batch_stats"]["var"])
+    _within(e1, e2, 2 * ref.bn_eval_bound(x, None, None, *stats), "eval vs Flax", valid)
 
 
 def test_complex_gradients_match_flax():
@@ -148,9 +199,20 @@ def test_complex_gradients_match_flax():
                          mutable=["batch_stats"])
         return jnp.sum(jnp.where(m, jnp.real(y * w), 0))
 
-    g1 = jax.grad(loss, argnums=(1, 2))(ours, params, jnp.where(m, x, 0))
-    g2 = jax.grad(loss, argnums=(1, 2))(theirs, params, jnp.where(m, x, 0))
-    _close(g1, g2, 1e-4)
+    x0 = jnp.where(m, x, 0)
+    g1 = jax.grad(loss, argnums=(1, 2))(ours, params, x0)
+    g2 = jax.grad(loss, argnums=(1, 2))(theirs, params, x0)
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    # the cotangent of y is w on valid elements; each implementation within the closed form's
+    # float32 bound (complex: moduli and complex roundings), Flax's by the plain algorithm
+    dy = np.where(np.asarray(m), np.asarray(w), 0)
+    e_dx, e_dscale, e_dbias = (sum(b) for b in zip(*(
+        ref.bn_grads_bound(x0, params["scale"], dy, -1, m, stable=stable)
+        for stable in (True, False)), strict=True))
+    (gp1, gx1), (gp2, gx2) = g1, g2
+    _within(gx1, gx2, e_dx, "dx vs Flax")
+    ref.assert_within(gp1["scale"], gp2["scale"], e_dscale, "dscale vs Flax")
+    ref.assert_within(gp1["bias"], gp2["bias"], e_dbias, "dbias vs Flax")
 
 
 def test_complex_synchronized_over_axis_name_like_flax():
@@ -161,11 +223,18 @@ def test_complex_synchronized_over_axis_name_like_flax():
         v = mod.init(KEY, x[0])
         outs.append(jax.vmap(lambda xx, mod=mod, v=v: mod.apply(v, xx, mutable=["batch_stats"]),
                              axis_name="d")(x))
-    _close(outs[0], outs[1], 1e-5)
-    mean, _, want = _ref(x.reshape(12, 2), None, (0,))
-    np.testing.assert_allclose(outs[0][0].reshape(12, 2), want.astype(np.complex128), atol=1e-5)
-    np.testing.assert_allclose(outs[0][1]["batch_stats"]["mean"][0], 0.5 * mean.ravel(),
-                               atol=1e-6)
+    flat = x.reshape(12, 2)  # statistics over the 4 devices' 3 examples
+    y_pair, mean_pair, var_pair = _bounds(flat, momentum=0.5)
+    (y1, u1), (y2, u2) = outs
+    _within(y1.reshape(12, 2), y2.reshape(12, 2), y_pair, "y vs Flax")
+    for d in range(4):
+        _stats_within(jax.tree.map(lambda a, d=d: a[d], u1["batch_stats"]),
+                      jax.tree.map(lambda a, d=d: a[d], u2["batch_stats"]),
+                      (mean_pair, var_pair), f"device {d} vs Flax")
+    mean, _, want = _ref(flat, None, (0,))
+    y_ours, mean_ours, _ = _bounds(flat, momentum=0.5, pair=False)
+    _within(y1.reshape(12, 2), want.astype(np.complex128), y_ours, "y")
+    _within(u1["batch_stats"]["mean"][0], 0.5 * mean.ravel(), mean_ours, "running mean")
 
 
 def test_nnx_complex_normalizes_like_flax():
@@ -175,13 +244,17 @@ def test_nnx_complex_normalizes_like_flax():
     y1 = ours(x)
     with pytest.warns(Warning):  # Flax's nnx drops the imaginary part of its running mean
         y2 = theirs(x)
-    _close(y1, y2, 1e-5)
+    assert y1.dtype == y2.dtype
+    y_pair, _, var_pair = _bounds(x)
+    _within(y1, y2, y_pair, "y vs Flax")
     mean, var, _ = _ref(x, None, (0, 1))
-    np.testing.assert_allclose(ours.mean[...], 0.1 * mean.ravel(), atol=1e-6)  # complex kept
-    np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-6)
+    _, mean_ours, _ = _bounds(x, pair=False)
+    _within(ours.mean[...], 0.1 * mean.ravel(), mean_ours, "running mean")  # complex kept
+    ref.assert_within(ours.var[...], theirs.var[...], var_pair, "running var vs Flax")
     ours.eval()
     rm, rv = np.asarray(ours.mean[...]), np.asarray(ours.var[...])
-    np.testing.assert_allclose(ours(x), (np.asarray(x) - rm) / np.sqrt(rv + 1e-5), atol=1e-5)
+    want = (np.asarray(x, np.complex128) - rm) / np.sqrt(np.asarray(rv, np.float64) + 1e-5)
+    _within(ours(x), want, ref.bn_eval_bound(x, None, None, rm, rv), "eval y")
 
 
 # ----------------------------------------------------------------------------- C: one value
@@ -194,9 +267,14 @@ def test_linen_one_value_per_feature_returns_bias_like_flax():
     outs = [mod.apply(variables, x, mutable=["batch_stats"]) for mod in (
         jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9),
         _flax_linen(use_running_average=False, momentum=0.9))]
-    _close(outs[0], outs[1], 1e-6)
-    np.testing.assert_allclose(outs[0][0], [[0.0, 1.0, 2.0]])
-    np.testing.assert_allclose(outs[0][1]["batch_stats"]["var"], [0.9] * 3, rtol=1e-6)
+    # one value: x - mean is exactly 0, so y is the bias exactly; the running mean is 0.1 x and
+    # the variance 0.9 (0.9 * 1 + 0.1 * 0), each rounded a few times
+    assert jax.tree.map(lambda a: a.dtype, outs[0]) == jax.tree.map(lambda a: a.dtype, outs[1])
+    for y, upd in outs:
+        np.testing.assert_array_equal(y, [[0.0, 1.0, 2.0]])
+        _stats_within(upd["batch_stats"], {"mean": 0.1 * np.asarray(x[0]), "var": [0.9] * 3},
+                      (ref.ema_bound(0.0, x[0], 0.0, 0.9), ref.ema_bound(1.0, 0.0, 0.0, 0.9)),
+                      "one value")
     # a 1-d input: its only axis holds the features (Flax's bind test)
     v = jaxbn.linen.BatchNorm(use_running_average=False).init(KEY, jnp.ones(3))
     np.testing.assert_allclose(v["params"]["scale"], np.ones(3))
@@ -230,8 +308,19 @@ def test_nnx_one_example_under_vmap_jit_and_tabulate_like_flax():
 
         outs.append(run(ens, jnp.ones((1, 2))))
         states.append(nnx.state(ens))
-    _close(outs[0], outs[1], 1e-6)
-    _close(states[0], states[1], 1e-6)
+    # one example per member: x - mean is exactly 0, y is the bias (0) exactly
+    _close(outs[0], outs[1], 0)
+    # the running mean is 0.01 h (h = the Linear layer's output: a 3-term sum in float32), the
+    # variance 0.99; everything else is the same initialization
+    s1, s2 = states
+    _close(s1["linear"], s2["linear"], 0)
+    _close((s1["bn"]["scale"], s1["bn"]["bias"]), (s2["bn"]["scale"], s2["bn"]["bias"]), 0)
+    kernel = np.asarray(s1["linear"]["kernel"][...], np.float64)
+    bias = np.asarray(s1["linear"]["bias"][...], np.float64)
+    h = kernel.sum(1) + bias  # ones @ kernel + bias, per member
+    e_h = ref.sum_error_bound(np.abs(kernel).sum(1) + np.abs(bias), 3)
+    _stats_within(s1["bn"], s2["bn"], (2 * ref.ema_bound(0.0, h, e_h, 0.99),
+                                      2 * ref.ema_bound(1.0, 0.0, 0.0, 0.99)), "vs Flax")
     t1, t2 = (nnx.tabulate(_Model(bn, nnx.Rngs(0)), jnp.ones((1, 2)))
               for bn in (jaxbn.nnx.BatchNorm, nnx.BatchNorm))
     assert t1 == t2
@@ -249,13 +338,25 @@ def test_axis_name_under_rank_promotion_raise_like_flax():
             v = mod.init(KEY, x[0])
             outs.append(jax.vmap(lambda xx, mod=mod, v=v: mod.apply(v, xx, mutable=["batch_stats"]),
                                  axis_name="b")(x))
-        _close(outs[0], outs[1], 1e-5)
         ours = jaxbn.nnx.BatchNorm(3, axis_name="b", rngs=nnx.Rngs(0))
         theirs = _flax_nnx(3, axis_name="b", rngs=nnx.Rngs(0))
         ys = [nnx.vmap(lambda m, xx: m(xx), in_axes=(None, 0), axis_name="b")(bn, x)
               for bn in (ours, theirs)]
-        _close(ys[0], ys[1], 1e-5)
-        _close(nnx.state(ours), nnx.state(theirs), 1e-5)
+    flat = np.asarray(x).reshape(20, 3)  # statistics over the 4 devices' 5 examples
+    y_pair, mean_pair, var_pair = _bounds(flat)
+    (y1, u1), (y2, u2) = outs
+    assert y1.dtype == y2.dtype
+    _within(np.asarray(y1).reshape(20, 3), np.asarray(y2).reshape(20, 3), y_pair, "linen y")
+    for d in range(4):
+        _stats_within(jax.tree.map(lambda a, d=d: a[d], u1["batch_stats"]),
+                      jax.tree.map(lambda a, d=d: a[d], u2["batch_stats"]),
+                      (mean_pair, var_pair), f"linen device {d}")
+    y_pair, mean_pair, var_pair = _bounds(flat, momentum=0.99)  # nnx's default momentum
+    _within(np.asarray(ys[0]).reshape(20, 3), np.asarray(ys[1]).reshape(20, 3), y_pair, "nnx y")
+    _stats_within({"mean": ours.mean[...], "var": ours.var[...]},
+                  {"mean": theirs.mean[...], "var": theirs.var[...]}, (mean_pair, var_pair),
+                  "nnx")
+    _close((ours.scale, ours.bias), (theirs.scale, theirs.bias), 0)
 
 
 # ----------------------------------------------------------------------------- E, F, I: structure
@@ -275,8 +376,10 @@ def test_nnx_attributes_repr_and_graphdef_like_flax():
 
     f = jax.jit(lambda g, s, x: nnx.merge(g, s)(x), static_argnums=0)
     x = _x((4, 3))
-    _close(f(gdef, state, x), step(state, x), 1e-6)
-    _close(f(gdef, state, x), _flax_nnx(3, rngs=nnx.Rngs(0))(x), 1e-5)
+    y_ours, y_pair = _bounds(x, pair=False)[0], _bounds(x)[0]
+    ref.assert_within(f(gdef, state, x), ref.bn_forward(x, None, None), y_ours, "static graphdef")
+    ref.assert_within(step(state, x), ref.bn_forward(x, None, None), y_ours, "closed-over")
+    _within(f(gdef, state, x), _flax_nnx(3, rngs=nnx.Rngs(0))(x), y_pair, "vs Flax")
     # jaxbn's options, when given, are hashable static attributes; list arguments become tuples
     opt = jaxbn.nnx.BatchNorm(3, momentum=None, renorm=[3.0, 5.0], skip_nonfinite=True,
                               axis=[-1], rngs=nnx.Rngs(0))
@@ -292,7 +395,15 @@ def test_nnx_view_info_and_view_like_flax():
     x = _x((5, 2))
     ev = nnx.view(model, use_running_average=True)
     theirs = _Model(_flax_nnx, nnx.Rngs(0))
-    _close(ev(x), nnx.view(theirs, use_running_average=True)(x), 1e-6)
+    # the same Linear layer (same initialization), then inference with mean 0 and variance 1:
+    # each output within the eval bound at the exact h, plus h's own (2-term sum) error / sigma
+    _close(nnx.state(model.linear), nnx.state(theirs.linear), 0)
+    kernel = np.asarray(model.linear.kernel[...], np.float64)
+    bias = np.asarray(model.linear.bias[...], np.float64)
+    h = np.asarray(x, np.float64) @ kernel + bias
+    e_h = ref.sum_error_bound(np.abs(np.asarray(x, np.float64)) @ np.abs(kernel) + np.abs(bias), 3)
+    bound = 2 * (ref.bn_eval_bound(h, None, None, np.zeros(3), np.ones(3)) + e_h)
+    _within(ev(x), nnx.view(theirs, use_running_average=True)(x), bound, "eval view vs Flax")
     assert nnx.with_attributes(model, use_running_average=True).bn.use_running_average
 
 
@@ -344,7 +455,9 @@ def test_nnx_custom_promote_dtype_receives_five_values_like_flax(use_scale, use_
               rngs=nnx.Rngs(0))(x) for tag, cls in (("ours", jaxbn.nnx.BatchNorm),
                                                     ("theirs", _flax_nnx))]
     assert seen["ours"] == seen["theirs"] == (False, False, False, not use_scale, not use_bias)
-    _close(ys[0], ys[1], 1e-5)  # the promoted (float32) x is normalized, as in Flax
+    # the promoted (float32) x is normalized, as in Flax (scale 1, bias 0 when present)
+    assert ys[0].dtype == ys[1].dtype
+    _within(ys[0], ys[1], _bounds(np.asarray(x, np.float32))[0], "y vs Flax")
 
 
 def test_non_boolean_masks_are_cast_like_flax():
@@ -353,11 +466,18 @@ def test_non_boolean_masks_are_cast_like_flax():
     mi = m.astype(jnp.int32)
     y1, u1 = jaxbn.linen.BatchNorm(use_running_average=False).init_with_output(KEY, x, mask=mi)
     y2, u2 = _flax_linen(use_running_average=False).init_with_output(KEY, x, mask=mi)
-    _close((y1, u1), (y2, u2), 1e-5)
+    _close(u1, u2, 0)  # init: the running statistics are not updated
+    y_pair, mean_pair, var_pair = _bounds(x, m, momentum=0.99)
+    valid = np.broadcast_to(np.asarray(m), x.shape)
+    _within(y1, y2, y_pair, "linen y vs Flax", valid)
     ours = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     theirs = _flax_nnx(3, rngs=nnx.Rngs(0))
-    _close(ours(x, mask=mi.astype(jnp.float32)), theirs(x, mask=m), 1e-5)  # Flax nnx: bool only
-    _close(nnx.state(ours), nnx.state(theirs), 1e-6)
+    y1, y2 = ours(x, mask=mi.astype(jnp.float32)), theirs(x, mask=m)  # Flax nnx: bool only
+    _within(y1, y2, y_pair, "nnx y vs Flax", valid)
+    _stats_within({"mean": ours.mean[...], "var": ours.var[...]},
+                  {"mean": theirs.mean[...], "var": theirs.var[...]}, (mean_pair, var_pair),
+                  "nnx vs Flax")
+    _close((ours.scale, ours.bias), (theirs.scale, theirs.bias), 0)
 
 
 # ----------------------------------------------------------------------------- linen == nnx
@@ -381,8 +501,12 @@ def test_nnx_equals_linen_bit_for_bit_and_flax_within_rounding(dtype, param_dtyp
     y_f, u_f = _flax_linen(use_running_average=False, dtype=dtype,
                            param_dtype=param_dtype).apply(v, x, mask=rows,
                                                           mutable=["batch_stats"])
-    tol = 1e-5 if dtype == param_dtype == jnp.float32 else 2e-3
-    _close((y_l, u_l), (y_f, u_f), tol)
+    # both compute in float32 (scale 1 and bias 0 are exact in float16) and round y once to
+    # dtype: the float32 bounds plus one rounding each
+    assert y_l.dtype == y_f.dtype
+    y_pair, mean_pair, var_pair = _bounds(x, rows, momentum=0.99, out_dtype=dtype)
+    _within(y_l, y_f, y_pair, "y vs Flax")
+    _stats_within(u_l["batch_stats"], u_f["batch_stats"], (mean_pair, var_pair), "vs Flax")
 
 
 # ----------------------------------------------------------------------------- J: empty feature
@@ -399,13 +523,18 @@ def test_feature_without_valid_element_keeps_running_statistics():
     y_f, u_f = _flax_linen(use_running_average=False, momentum=0.9).apply(
         v, x, mask=per_feature, mutable=["batch_stats"])
     ok = np.asarray(per_feature)
-    _close(y[:, ok], y_f[:, ok], 1e-5)
-    _close(u["batch_stats"]["mean"][ok], u_f["batch_stats"]["mean"][ok], 1e-5)
+    old = (np.asarray(stats["mean"])[ok], np.asarray(stats["var"])[ok])
+    y_pair, mean_pair, var_pair = _bounds(np.asarray(x)[:, ok], old=old)
+    _within(y[:, ok], y_f[:, ok], y_pair, "y vs Flax")
+    _stats_within(jax.tree.map(lambda a: a[ok], u["batch_stats"]),
+                  jax.tree.map(lambda a: a[ok], u_f["batch_stats"]), (mean_pair, var_pair),
+                  "vs Flax")
     # Flax gives NaN there; jaxbn keeps the running statistics and normalizes with them
     np.testing.assert_array_equal(u["batch_stats"]["mean"][~ok], stats["mean"][~ok])
     np.testing.assert_array_equal(u["batch_stats"]["var"][~ok], stats["var"][~ok])
-    want = (np.asarray(x)[:, ~ok] - np.asarray(stats["mean"])[~ok]) / np.sqrt(4.0 + 1e-5)
-    np.testing.assert_allclose(y[:, ~ok], want, rtol=1e-5, atol=1e-6)
+    args = (np.asarray(x)[:, ~ok], None, None, np.asarray(stats["mean"])[~ok], np.full(2, 4.0))
+    ref.assert_within(y[:, ~ok], ref.bn_eval(*args), ref.bn_eval_bound(*args),
+                      "y of the empty features")
 
 
 # ----------------------------------------------------------------------------- float64
@@ -419,14 +548,23 @@ def test_float64_statistics_like_flax_linen():
         v = ours.init(KEY, x)
         assert v["batch_stats"]["mean"].dtype == jnp.float64  # float64 from init on
         (y1, u1), (y2, u2) = (m.apply(v, x, mutable=["batch_stats"]) for m in (ours, theirs))
-        _close((y1, u1), (y2, u2), 1e-8)
+        # float64 bounds: the offset (12345) against the spread (1e-3) makes Flax's plain mean
+        # the larger part (up to ~3e-8 on y in the worst summation order; ~1e-9 seen here)
+        f64 = dict(momentum=0.5, dtype=np.float64)
+        y_pair, mean_pair, var_pair = _bounds(x, **f64)
+        y_ours, mean_ours, _ = _bounds(x, pair=False, **f64)
+        assert jax.tree.map(lambda a: a.dtype, (y1, u1)) == jax.tree.map(lambda a: a.dtype,
+                                                                        (y2, u2))
+        _within(y1, y2, y_pair, "y vs Flax")
+        _stats_within(u1["batch_stats"], u2["batch_stats"], (mean_pair, var_pair), "vs Flax")
         mean, var, want = _ref(x, None, (0,))
-        np.testing.assert_allclose(y1, want.astype(np.float64), atol=1e-13)  # Flax: 1e-9
-        np.testing.assert_allclose(u1["batch_stats"]["mean"], 0.5 * mean.ravel(), rtol=1e-14)
+        ref.assert_within(y1, want, y_ours, "y")  # ~1e-14
+        ref.assert_within(u1["batch_stats"]["mean"], 0.5 * mean.ravel(), mean_ours,
+                          "running mean")
         ev = ours.clone(use_running_average=True).apply({"params": v["params"], **u1}, x)
         assert ev.dtype == jnp.float64
         bn = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
-        _close(bn(x), y1, 1e-9)
+        ref.assert_within(bn(x), y1, 2 * y_ours, "nnx vs linen")
         # created float32 (Flax's nnx too): the statistics keep their dtype, rounded once
         assert bn.mean[...].dtype == jnp.float32
         # one float32 rounding of a float64 value: within 1 float32 ulp (a tie may go either way)
@@ -453,17 +591,34 @@ def test_linen_tabulate_bridge_and_spectral_norm_like_flax():
     assert t1 == t2
 
     outs = []
-    for bn in (jaxbn.linen.BatchNorm, nn.BatchNorm):
+    for bn in (jaxbn.linen.BatchNorm, nn.BatchNorm):  # Flax's default: use_fast_variance=True
         m = bridge.ToNNX(bn(use_running_average=False, momentum=0.9), rngs=nnx.Rngs(0))
         bridge.lazy_init(m, x)
         outs.append((m(x, mutable=["batch_stats"]), nnx.state(m, nnx.BatchStat)))
-    _close(outs[0], outs[1], 1e-5)
+    y_pair, mean_pair, var_pair = _bounds(x, flax_algorithm="fast")
+    _within(outs[0][0], outs[1][0], y_pair, "bridge y vs Flax")
+    _stats_within(outs[0][1], outs[1][1], (mean_pair, var_pair), "bridge vs Flax")
 
     xs = _x((10, 5))
-    outs = []
-    for bn in (jaxbn.nnx.BatchNorm, _flax_nnx):
-        seq = nnx.Sequential(nnx.Linear(5, 4, rngs=nnx.Rngs(1)), nnx.relu,
-                             bn(4, rngs=nnx.Rngs(2)))
-        sn = nnx.SpectralNorm(seq, rngs=nnx.Rngs(3))
-        outs.append((sn(xs), nnx.state(sn, nnx.BatchStat)))
-    _close(outs[0], outs[1], 1e-5)
+    outs, seen = [], []
+    for bn in (jaxbn.nnx.BatchNorm, nnx.BatchNorm):
+        log: list = []
+        seen.append(log)
+
+        class Recording(bn):  # what the layer is given (input, spectrally normalized params)
+            def __call__(self, x, *args, log=log, **kwargs):
+                log.append([np.asarray(a) for a in (x, self.scale[...], self.bias[...])])
+                return super().__call__(x, *args, **kwargs)
+
+        layer = Recording(4, use_fast_variance=False, rngs=nnx.Rngs(2))
+        sn = nnx.SpectralNorm(nnx.Sequential(nnx.Linear(5, 4, rngs=nnx.Rngs(1)), nnx.relu,
+                                             layer), rngs=nnx.Rngs(3))
+        outs.append((sn(xs), {"mean": layer.mean[...], "var": layer.var[...]}))
+    (h, scale, bias), (h2, scale2, bias2) = seen[0][0], seen[1][0]
+    np.testing.assert_array_equal(scale, scale2)
+    np.testing.assert_array_equal(bias, bias2)
+    # both layers' bounds at the same input, plus the effect of any difference in their inputs
+    y_pair, mean_pair, var_pair = _bounds(h, scale=scale, bias=bias, momentum=0.99)
+    y_pair = y_pair + ref.bn_forward_propagated(h, scale, np.abs(h2 - h.astype(np.float64)))
+    _within(outs[0][0], outs[1][0], y_pair, "spectral-normalized y vs Flax")
+    _stats_within(outs[0][1], outs[1][1], (mean_pair, var_pair), "spectral norm vs Flax")
