@@ -116,11 +116,6 @@ class Layout(NamedTuple):
         or a symbolic dimension when a reduced axis has a symbolic size."""
         return math.prod(self.shape[a] for a in self.reduce_axes)
 
-    @property
-    def static(self) -> bool:
-        """True when every size is a Python int (no symbolic dimension)."""
-        return all(is_static(s) for s in self.shape)
-
 
 def as_index(value: Any, what: str) -> int:
     """``value`` as a Python int: ints, NumPy integers and concrete 0-d integer arrays pass;
