@@ -6,8 +6,9 @@ state)`` with ``x`` of shape ``(input_size, *spatial)`` under ``jax.vmap``/``jax
 ``axis_name``, and the same ``eqx.nn.State`` entries (same ``StateIndex`` fields, shapes and
 meaning), so ``eqx.nn.make_with_state``, ``eqx.nn.inference_mode``, ``eqx.nn.Sequential``,
 ``eqx.tree_serialise_leaves`` and Equinox checkpoints work unchanged. It subclasses
-``equinox.nn.BatchNorm`` (``isinstance`` checks still hold); every computation is
-``jaxbn.bn_apply``'s. Equinox is an optional dependency: only this module imports it.
+``equinox.nn.BatchNorm`` (``isinstance`` checks still hold); every computation is the
+functional core's (``jaxbn.bn_apply``). Equinox is an optional dependency: only this module
+imports it.
 
 What differs from Equinox 0.13.8 (each one measured there, see the Equinox guide):
 
@@ -51,8 +52,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import Params, State, UnboundAxisNameError, bn_apply, fold_conv, fold_dense
-from jaxbn._src import optional
+from jaxbn import Params, State, UnboundAxisNameError, fold_conv, fold_dense
+from jaxbn._src import core, optional
+from jaxbn._src.options import Options, from_attributes
 
 try:  # Equinox is optional (pip install 'jaxbn[equinox]'): only this module needs it
     import equinox as eqx
@@ -190,6 +192,14 @@ class BatchNorm(eqx.nn.BatchNorm):
         self.momentum = float(momentum)
         self.mode = mode
 
+    def _options(self, **overrides: Any) -> Options:
+        """The core's options: from this layer's fields of the same names (``momentum``; a
+        field named as an option of ``jaxbn.bn_apply`` would be taken up too), ``eps`` as
+        ``epsilon``, then ``overrides``. As in Equinox, one value per channel is accepted in
+        training (``y = bias``)."""
+        return from_attributes(self, **{"epsilon": self.eps, "allow_single_value": True,
+                                        **overrides})
+
     def _params(self) -> Params:
         if not self.channelwise_affine:
             return {}
@@ -268,7 +278,8 @@ class BatchNorm(eqx.nn.BatchNorm):
         if inference:
             mean, var = self.inference_statistics(state)
             stats: State = {"mean": mean, "var": var}
-            y, _ = bn_apply(params, stats, x[None], False, axis=1, epsilon=self.eps)
+            y, _ = core.apply(params, stats, x[None], False,
+                              self._options(axis=1, axis_name=None))
             return y[0], state
         if self.mode == "ema":
             return self._train_ema(params, x, state)
@@ -276,14 +287,14 @@ class BatchNorm(eqx.nn.BatchNorm):
 
     def _train(self, params: Params, state_in: State, x: jax.Array,
                momentum: Any) -> tuple[jax.Array, State]:
-        """``bn_apply`` over the examples along ``axis_name``; returns this example's ``y``.
+        """The core over the examples along ``axis_name``; returns this example's ``y``.
 
         Without a device axis among the names (plain ``vmap``, on one device or under ``jit``
-        over a sharded batch) the example goes to ``bn_apply`` as a batch of one with the
+        over a sharded batch) the example goes to the core as a batch of one with the
         vmapped names as ``axis_name``: the core's "collectives" over them are array
         operations. Under ``pmap``/``shard_map`` the examples along the vmapped names are
         first gathered into this device's batch (array operations under vmap, no
-        communication) and the device names alone go to ``bn_apply``, so the collectives are
+        communication) and the device names alone go to the core, so the collectives are
         the core's over devices (up to 8 devices: one all-gather forward, one all-reduce
         backward), with a payload that does not grow with the batch.
         """
@@ -297,16 +308,16 @@ class BatchNorm(eqx.nn.BatchNorm):
                 f"on a mesh with Auto axes (see the Equinox guide)")
         if not devices or not vmapped:
             names = vmapped or devices
-            y, new = bn_apply(params, state_in, x[None], True, axis=1, momentum=momentum,
-                              epsilon=self.eps, axis_name=names if len(names) > 1 else names[0],
-                              allow_single_value=True)  # as Equinox: one value gives y = bias
+            options = self._options(axis=1, momentum=momentum,
+                                    axis_name=names if len(names) > 1 else names[0])
+            y, new = core.apply(params, state_in, x[None], True, options)
             return y[0], new
         batch = x
         for name in reversed(vmapped):  # leading axes in the order of vmapped
             batch = lax.all_gather(batch, name)
-        y, new = bn_apply(params, state_in, batch, True, axis=len(vmapped), momentum=momentum,
-                          epsilon=self.eps, axis_name=devices if len(devices) > 1 else devices[0],
-                          allow_single_value=True)
+        options = self._options(axis=len(vmapped), momentum=momentum,
+                                axis_name=devices if len(devices) > 1 else devices[0])
+        y, new = core.apply(params, state_in, batch, True, options)
         for name in vmapped:
             y = y[lax.axis_index(name)]
         return y, new

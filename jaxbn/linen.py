@@ -25,11 +25,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxbn._src import optional
-from jaxbn._src.flax_common import Extras, apply_core, as_hashable, state_dtypes
+from jaxbn._src.flax_common import as_hashable, call_core, state_dtypes
 from jaxbn._src.layout import make_layout
+from jaxbn._src.options import from_attributes
 
 try:  # Flax is optional (pip install 'jaxbn[flax]'): only this module and jaxbn.nnx need it
     import flax
+    import flax.errors
     import flax.linen as nn
     from flax.linen import dtypes as flax_dtypes
 except ModuleNotFoundError as err:
@@ -42,16 +44,54 @@ class BatchNorm(nn.BatchNorm):
 
     It subclasses ``flax.linen.BatchNorm`` so that ``isinstance(m, flax.linen.BatchNorm)``
     holds (code that freezes, folds or counts BatchNorm layers by type finds it); every
-    computation is jaxbn's (``__call__`` is replaced, nothing of Flax's runs).
+    computation is jaxbn's (``__call__`` is replaced, nothing of Flax's runs). The fields up to
+    ``force_float32_reductions`` are Flax's, in Flax's order; the fields after it are jaxbn's
+    (see ``jaxbn.bn_apply``). Variables: ``params/scale``, ``params/bias`` and
+    ``batch_stats/mean``, ``batch_stats/var`` (plus ``batch_stats/count`` with
+    ``momentum=None``), in the dtypes Flax creates them (see ``force_float32_reductions``).
 
-    Attributes (Flax's): use_running_average, axis (an int or a tuple), momentum, epsilon,
-      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
-      axis_index_groups, use_fast_variance (ignored: always stable),
-      force_float32_reductions (the dtype of the created statistics; they are computed in
-      float32 or wider either way).
-    Attributes (jaxbn's; see ``jaxbn.bn_apply``): unbiased_running_var, virtual_batch_size,
-      renorm, skip_nonfinite. ``momentum=None`` keeps a cumulative average and adds a
-      ``batch_stats/count`` variable.
+    Attributes:
+      use_running_average: True normalizes with the stored running statistics (evaluation);
+        False with the batch's own statistics, updating the running ones (training: apply
+        with ``mutable=["batch_stats"]``). Can be set here or per call (not both).
+      axis: the feature axis of the input, or a tuple of them (negative values count from the
+        end); the statistics are reduced over every other axis.
+      momentum: running update ``new = momentum * old + (1 - momentum) * batch``; None keeps
+        a cumulative (plain) average of all batch statistics instead and adds a
+        ``batch_stats/count`` variable.
+      epsilon: added to the variance before its square root.
+      dtype: the dtype of the output (None: the promotion of the input and the parameters).
+        The statistics are computed in this dtype promoted to at least float32.
+      param_dtype: the dtype in which ``scale`` and ``bias`` are created.
+      use_bias: learn an additive ``bias`` (created with ``bias_init``).
+      use_scale: learn a multiplicative ``scale`` (created with ``scale_init``).
+      bias_init: the initializer of ``bias`` (zeros by default).
+      scale_init: the initializer of ``scale`` (ones by default).
+      axis_name: the ``pmap``/``shard_map``/``vmap`` axis name (or a tuple of names) whose
+        devices pool their batches into one set of statistics, weighted by their counts.
+        Ignored during ``init``, which issues no collective.
+      axis_index_groups: groups of device indices along ``axis_name`` that share statistics
+        (None: all of them).
+      use_fast_variance: accepted for compatibility and ignored: the variance is always
+        computed stably (two passes about the mean), at the speed of Flax's fast formula.
+      force_float32_reductions: the dtype of the created running statistics, as in Flax:
+        float32 when True, ``param_dtype`` when False. They are computed in float32 or wider
+        either way, and every call returns them in the dtype they were given (a bfloat16
+        checkpoint stays bfloat16). A bfloat16 or float16 running average moves only in steps
+        of its own resolution, so it can stop short of the batch statistics: at momentum 0.99
+        by up to 39% (bfloat16) or 5% (float16). jaxbn warns when such a training step is
+        traced; keep the statistics float32 (True, the default) or lower the momentum. For
+        float64 input (``jax_enable_x64``) and complex input the statistics are created in
+        that wider dtype (Flax creates float32 and widens them at its first training step).
+      unbiased_running_var: accumulate the unbiased batch variance ``n / (n - 1) * var`` in
+        the running variance (PyTorch's convention).
+      virtual_batch_size: ghost batch normalization: normalize consecutive groups of this many
+        examples (along axis 0) each with their own statistics (None: the whole batch).
+      renorm: ``(r_max, d_max)`` for batch renormalization (Ioffe, 2017); None disables it.
+      skip_nonfinite: leave the running statistics unchanged after a batch whose statistics
+        are not finite.
+      sync_method: how statistics are combined over the devices of ``axis_name``:
+        ``"auto"``, ``"gather"`` or ``"reduce"`` (see ``jaxbn.bn_apply``).
     """
 
     axis: int | Sequence[int] = -1  # type: ignore[assignment]
@@ -60,6 +100,7 @@ class BatchNorm(nn.BatchNorm):
     virtual_batch_size: int | None = None
     renorm: tuple[Any, Any] | None = None
     skip_nonfinite: bool = False
+    sync_method: str = "auto"
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -68,8 +109,58 @@ class BatchNorm(nn.BatchNorm):
         During ``init`` in training mode ``x`` is normalized with its own statistics, but the
         running statistics are not updated and no collective is issued (as in Flax), so a
         module with ``axis_name`` can be initialized outside ``pmap``/``shard_map``.
+
+        Args:
+          x: the input; its sizes along ``axis`` are the features.
+          use_running_average: overrides the field when not None (set one of the two).
+          mask: broadcastable to ``x`` (boolean, or 0/1 values): the elements that count
+            toward the batch statistics.
+
+        Returns:
+          The normalized ``x``, of the same shape.
+
+        Raises:
+          BatchStatsNotMutableError: a training call (outside ``init``) whose ``batch_stats``
+            collection is not mutable.
+          ValueError: stored statistics whose shape does not match ``x``'s features.
         """
         return _normalize(self, self, x, use_running_average, mask=mask)
+
+
+class BatchStatsNotMutableError(flax.errors.ModifyScopeVariableError):
+    """A training call of a BatchNorm whose ``batch_stats`` collection is immutable.
+
+    A subclass of Flax's ``ModifyScopeVariableError`` (what Flax's own BatchNorm raises
+    there), with a message that says what to do.
+    """
+
+    def __init__(self, message: str):  # Flax's signature names a variable; this says more
+        Exception.__init__(self, message)
+
+
+def _check_mutable(module: nn.Module) -> None:
+    if not module.is_mutable_collection("batch_stats"):
+        where = "/".join(module.scope.path) if module.scope is not None else ""
+        raise BatchStatsNotMutableError(
+            f"the BatchNorm at '{where or '(top level)'}' was called in training mode "
+            f"(use_running_average=False), which updates its running statistics, but the "
+            f"'batch_stats' collection is immutable in this apply. Pass "
+            f"mutable=['batch_stats'] and keep the statistics it returns: "
+            f"`y, updates = model.apply(variables, x, mutable=['batch_stats'])`, then "
+            f"`variables = {{**variables, **updates}}`. To evaluate, call it with "
+            f"use_running_average=True (in most models: train=False).")
+
+
+def _check_stored(variable: Any, name: str, feature_shape: tuple, x_shape: tuple,
+                  axis: Any) -> None:
+    shape = tuple(variable.value.shape)
+    if shape != tuple(feature_shape):
+        raise ValueError(
+            f"batch_stats/{name} has shape {shape}, but x of shape {tuple(x_shape)} has "
+            f"features {tuple(feature_shape)} along axis={axis!r}: the variables were made "
+            f"for other input (a different axis= or feature count, or another model's "
+            f"checkpoint). Set axis= to the feature axis, or initialize the model on input of "
+            f"this shape.")
 
 
 def _normalize(module: nn.Module, cfg: BatchNorm, x, use_running_average: bool | None = None,
@@ -79,6 +170,10 @@ def _normalize(module: nn.Module, cfg: BatchNorm, x, use_running_average: bool |
     intercepted ``flax.linen.BatchNorm`` and a ``BatchNorm`` holding its settings."""
     use_running_average = nn.merge_param("use_running_average", cfg.use_running_average,
                                          use_running_average)
+    train = not use_running_average
+    initializing = module.is_initializing()
+    if train and not initializing:
+        _check_mutable(module)
     axis = as_hashable(cfg.axis)
     feature_shape = make_layout(x.shape, axis).feature_shape
     declared = jnp.float32 if cfg.force_float32_reductions else cfg.param_dtype
@@ -86,6 +181,8 @@ def _normalize(module: nn.Module, cfg: BatchNorm, x, use_running_average: bool |
     mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, mean_dt),
                            feature_shape)
     var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, var_dt), feature_shape)
+    for name, stored in (("mean", mean), ("var", var)):
+        _check_stored(stored, name, feature_shape, x.shape, cfg.axis)
     extra = {}  # optional state: update count (momentum=None), seen (precise BN)
     if cfg.momentum is None or module.has_variable("batch_stats", "count"):
         extra["count"] = module.variable("batch_stats", "count",
@@ -101,16 +198,15 @@ def _normalize(module: nn.Module, cfg: BatchNorm, x, use_running_average: bool |
         params["bias"] = module.param("bias", cfg.bias_init, feature_shape, cfg.param_dtype)
     state = {"mean": mean.value, "var": var.value}
     state.update({k: v.value for k, v in extra.items()})
+    if initializing:  # the new state is discarded: hand the core exact float32 (or wider)
+        # copies, so that it does not warn about updates of low-precision statistics
+        state["mean"], state["var"] = (v.astype(jnp.promote_types(v.dtype, jnp.float32))
+                                       for v in (state["mean"], state["var"]))
     out_dtype = flax_dtypes.canonicalize_dtype(x, *params.values(), dtype=cfg.dtype)
-    train = not use_running_average
-    initializing = module.is_initializing()
-    y, new = apply_core(
-        x, params, state, train, axis=axis, momentum=cfg.momentum,
-        epsilon=cfg.epsilon, axis_name=None if initializing else cfg.axis_name,
-        axis_index_groups=None if initializing else cfg.axis_index_groups, mask=mask,
-        out_dtype=out_dtype,
-        extras=Extras(cfg.unbiased_running_var, cfg.virtual_batch_size,
-                      as_hashable(cfg.renorm), cfg.skip_nonfinite))
+    options = from_attributes(cfg, axis=axis, renorm=as_hashable(cfg.renorm),
+                              axis_name=None if initializing else cfg.axis_name,
+                              axis_index_groups=None if initializing else cfg.axis_index_groups)
+    y, new = call_core(x, params, state, train, options, mask, out_dtype)
     if train and not initializing:
         mean.value, var.value = new["mean"], new["var"]
         for k, v in extra.items():
@@ -218,12 +314,13 @@ def intercept(**overrides: Any) -> _Intercept:
     ``overrides`` set fields of every intercepted layer: Flax's (``axis_name``,
     ``axis_index_groups``, ``momentum``, ``epsilon``, ``dtype``, ``axis``,
     ``use_running_average``) and jaxbn's (``unbiased_running_var``, ``virtual_batch_size``,
-    ``renorm``, ``skip_nonfinite``). With overrides, ``jaxbn.linen.BatchNorm`` layers take
-    them too; without, they run as they are. An unknown name raises a TypeError, and so do the
-    fields that decide which variables exist (``use_bias``, ``use_scale``, ``param_dtype``,
-    ``bias_init``, ``scale_init``, ``force_float32_reductions``). ``momentum=None`` (jaxbn's
-    cumulative average) needs a ``batch_stats/count`` variable: it is created where the
-    collection is mutable (``init``, training), and is missing from older checkpoints.
+    ``renorm``, ``skip_nonfinite``, ``sync_method``). With overrides,
+    ``jaxbn.linen.BatchNorm`` layers take them too; without, they run as they are. An unknown
+    name raises a TypeError, and so do the fields that decide which variables exist
+    (``use_bias``, ``use_scale``, ``param_dtype``, ``bias_init``, ``scale_init``,
+    ``force_float32_reductions``). ``momentum=None`` (jaxbn's cumulative average) needs a
+    ``batch_stats/count`` variable: it is created where the collection is mutable (``init``,
+    training), and is missing from older checkpoints.
 
     Scope and nesting: the context is per thread (as Flax's interceptors are) and may be
     nested: an inner ``intercept()`` adds its overrides to the outer ones (the inner value of a

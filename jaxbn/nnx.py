@@ -26,7 +26,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxbn._src import optional
-from jaxbn._src.flax_common import Extras, apply_core, as_hashable, state_dtypes
+from jaxbn._src.flax_common import as_hashable, call_core, state_dtypes
+from jaxbn._src.layout import make_layout
+from jaxbn._src.options import Options, from_attributes
 from jaxbn.precise import reset_stats
 
 try:  # Flax is optional (pip install 'jaxbn[flax]'): only this module and jaxbn.linen need it
@@ -48,20 +50,70 @@ class BatchNorm(nnx.BatchNorm):
 
     It subclasses ``flax.nnx.BatchNorm`` so that ``isinstance(m, flax.nnx.BatchNorm)`` holds;
     Flax's constructor sets up the same attributes (so ``vars()``, the repr and the graphdef
-    are Flax's), and every computation is jaxbn's (``__call__`` is replaced).
+    are Flax's), and every computation is jaxbn's (``__call__`` is replaced). The arguments up
+    to ``scale_metadata`` are Flax's; those after it are jaxbn's (see ``jaxbn.bn_apply``): an
+    instance stores one only when it differs from the default (a class attribute), as a
+    hashable static attribute.
 
-    ``momentum=None`` keeps a cumulative average and adds a ``count`` BatchStat. jaxbn's extra
-    options (``unbiased_running_var``, ``virtual_batch_size``, ``renorm``,
-    ``skip_nonfinite``) are described in ``jaxbn.bn_apply``; an instance stores one only when
-    it differs from the default (a class attribute), as a hashable static attribute. With
-    ``param_dtype`` or ``dtype`` float64 (under ``jax_enable_x64``) the statistics are
-    created float64; otherwise float32, widened on the first float64 or complex batch.
+    The layer holds ``scale`` and ``bias`` (``nnx.Param``, None when disabled), ``mean`` and
+    ``var`` (``nnx.BatchStat``), ``count`` (``nnx.BatchStat``, only with ``momentum=None``),
+    and the arguments below under their own names.
+
+    Args:
+      num_features: the size of the feature axis.
+      use_running_average: True normalizes with the stored running statistics (evaluation);
+        False with the batch's own statistics, updating the running ones (training); None
+        leaves it to the call. ``model.train()``, ``model.eval()`` and ``nnx.view`` set it.
+      axis: the feature axis of the input (negative values count from the end); the
+        statistics are reduced over every other axis.
+      momentum: running update ``new = momentum * old + (1 - momentum) * batch``; None keeps
+        a cumulative (plain) average of all batch statistics instead and adds a ``count``
+        BatchStat.
+      epsilon: added to the variance before its square root.
+      dtype: the dtype of the output and of the computation (None: the promotion of the input
+        and the parameters). The statistics are computed in this dtype promoted to at least
+        float32.
+      param_dtype: the dtype in which ``scale`` and ``bias`` are created.
+      use_bias: learn an additive ``bias`` (created with ``bias_init``).
+      use_scale: learn a multiplicative ``scale`` (created with ``scale_init``).
+      bias_init: the initializer of ``bias`` (zeros by default).
+      scale_init: the initializer of ``scale`` (ones by default).
+      axis_name: the ``pmap``/``shard_map``/``vmap`` axis name (or a tuple of names) whose
+        devices pool their batches into one set of statistics, weighted by their counts.
+      axis_index_groups: groups of device indices along ``axis_name`` that share statistics
+        (None: all of them).
+      use_fast_variance: accepted for compatibility and ignored: the variance is always
+        computed stably (two passes about the mean).
+      promote_dtype: called as ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)``
+        (None for a disabled scale or bias) before normalizing, as in Flax: the promoted
+        ``x``, ``scale`` and ``bias`` are used; the statistics keep their own dtype.
+      rngs: the ``nnx.Rngs`` whose ``params`` stream the initializers receive.
+      bias_metadata: metadata for the ``bias`` ``nnx.Param`` (e.g. sharding annotations).
+      scale_metadata: metadata for the ``scale`` ``nnx.Param``.
+      unbiased_running_var: accumulate the unbiased batch variance ``n / (n - 1) * var`` in
+        the running variance (PyTorch's convention).
+      virtual_batch_size: ghost batch normalization: normalize consecutive groups of this many
+        examples (along axis 0) each with their own statistics (None: the whole batch).
+      renorm: ``(r_max, d_max)`` for batch renormalization (Ioffe, 2017); None disables it.
+      skip_nonfinite: leave the running statistics unchanged after a batch whose statistics
+        are not finite.
+      sync_method: how statistics are combined over the devices of ``axis_name``:
+        ``"auto"``, ``"gather"`` or ``"reduce"`` (see ``jaxbn.bn_apply``).
+
+    The running statistics are created float32, as Flax creates them, except with
+    ``param_dtype`` or ``dtype`` float64 (under ``jax_enable_x64``; Flax: float32), where they
+    are created float64, and with a complex ``dtype``, where the mean is complex. Every call
+    keeps them in the dtype they hold: one restored from a bfloat16 checkpoint stays
+    bfloat16, and jaxbn warns when the training step is traced where such a low-precision
+    average can stop short of the batch statistics (bfloat16 at momentum 0.99: by up to 39%;
+    keep them float32 or lower the momentum). Only complex input makes a real mean complex.
     """
 
     unbiased_running_var: bool = False
     virtual_batch_size: int | None = None
     renorm: tuple[Any, Any] | None = None
     skip_nonfinite: bool = False
+    sync_method: str = "auto"
     count: nnx.BatchStat  # only with momentum=None
     seen: nnx.BatchStat  # only during precise_stats
 
@@ -75,7 +127,8 @@ class BatchNorm(nnx.BatchNorm):
                  bias_metadata: Mapping[str, Any] = MappingProxyType({}),
                  scale_metadata: Mapping[str, Any] = MappingProxyType({}),
                  unbiased_running_var: bool = False, virtual_batch_size: int | None = None,
-                 renorm: tuple[Any, Any] | None = None, skip_nonfinite: bool = False):
+                 renorm: tuple[Any, Any] | None = None, skip_nonfinite: bool = False,
+                 sync_method: str = "auto"):
         super().__init__(  # Flax's attribute set-up only (no computation)
             num_features, use_running_average=use_running_average, axis=as_hashable(axis),
             momentum=momentum,  # type: ignore[arg-type]  # None: jaxbn's cumulative average
@@ -91,10 +144,12 @@ class BatchNorm(nnx.BatchNorm):
             self.var = nnx.BatchStat(jnp.ones((num_features,), var_dt))
         if momentum is None:
             self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        extras = Extras(unbiased_running_var, virtual_batch_size, as_hashable(renorm),
-                        skip_nonfinite)
-        for name, value in extras._asdict().items():
-            if value != getattr(Extras(), name):
+        jaxbn_options = dict(unbiased_running_var=unbiased_running_var,
+                             virtual_batch_size=virtual_batch_size, renorm=renorm,
+                             skip_nonfinite=skip_nonfinite, sync_method=sync_method)
+        for name, value in jaxbn_options.items():
+            value = as_hashable(value)
+            if value != getattr(BatchNorm, name):  # defaults stay class attributes
                 setattr(self, name, value)
 
     def set_view(self, use_running_average: bool | None = None):
@@ -114,12 +169,26 @@ class BatchNorm(nnx.BatchNorm):
         Like Flax, ``promote_dtype`` receives ``(x, mean, var, scale, bias)`` (``None`` for a
         disabled scale or bias); the promoted ``x``, ``scale`` and ``bias`` are normalized,
         while the statistics stay in their own (float32 or wider) dtype.
+
+        Args:
+          x: the input; its size along ``axis`` must be ``num_features``.
+          use_running_average: overrides the attribute when not None.
+          mask: broadcastable to ``x`` (boolean, or 0/1 values): the elements that count
+            toward the batch statistics.
+
+        Returns:
+          The normalized ``x``, of the same shape.
+
+        Raises:
+          ValueError: ``use_running_average`` is None in both places, or ``x`` does not have
+            ``num_features`` features along ``axis``.
         """
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError("no use_running_average was given: pass it to BatchNorm(...), to "
                              "the call, or set it with model.train()/model.eval()/nnx.view")
+        self._check_features(x)
         names = [k for k in _STATS if getattr(self, k, None) is not None]
         state = {k: getattr(self, k)[...] for k in names}
         scale = self.scale[...] if self.scale is not None else None
@@ -129,20 +198,30 @@ class BatchNorm(nnx.BatchNorm):
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         out_dtype = nnx_dtypes.canonicalize_dtype(x, *params.values(), dtype=self.dtype)
         train = not use_running_average
-        y, new = apply_core(x, params, state, train, axis=self.axis, momentum=self.momentum,
-                            epsilon=self.epsilon, axis_name=self.axis_name,
-                            axis_index_groups=self.axis_index_groups, mask=mask,
-                            out_dtype=out_dtype,
-                            extras=Extras(self.unbiased_running_var, self.virtual_batch_size,
-                                          self.renorm, self.skip_nonfinite))
+        y, new = call_core(x, params, state, train, from_attributes(self), mask, out_dtype)
         if train:
             for k in names:
                 stat = getattr(self, k)
                 if new[k].dtype == stat[...].dtype:
                     stat[...] = new[k]
-                else:  # widened (float64 or complex input): replace, as flax.linen does
+                else:  # a real mean made complex by complex input: replaced, as linen does
                     stat.set_value(new[k])
         return y
+
+    def _check_features(self, x: Any) -> None:
+        """A jaxbn error, in the module's own terms, when ``x`` does not fit ``num_features``
+        (the core's would speak of ``params['scale']``)."""
+        shape = tuple(getattr(x, "shape", ()))
+        if not shape:
+            return  # the core says what is wrong with x
+        features = make_layout(shape, self.axis).feature_shape
+        if tuple(features) != (self.num_features,):
+            raise ValueError(
+                f"BatchNorm(num_features={self.num_features}, axis={self.axis!r}) got x of "
+                f"shape {shape}, whose size along axis {self.axis!r} is "
+                f"{features[0] if len(features) == 1 else features}: build the layer with "
+                f"num_features equal to that size, or pass axis= for the axis that holds "
+                f"{self.num_features} features")
 
 
 def precise_stats(model: nnx.Module, batches, call=None) -> None:
@@ -176,11 +255,14 @@ def precise_stats(model: nnx.Module, batches, call=None) -> None:
 
 # ------------------------------------------------------------------------------- convert()
 
+# jaxbn's options that BatchNorm exposes beyond Flax's (its class attributes of the names of
+# Options' fields).
+_JAXBN_OPTIONS = tuple(f for f in Options._fields if f in vars(BatchNorm))
 # Constructor arguments of BatchNorm that convert() may override, and those it may not: the
 # latter decide which parameters exist and how they were created, and the layer's own
 # parameters are kept.
 _OVERRIDABLE = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "axis_name",
-                "axis_index_groups", "use_fast_variance", "promote_dtype", *Extras._fields)
+                "axis_index_groups", "use_fast_variance", "promote_dtype", *_JAXBN_OPTIONS)
 _FIXED = ("num_features", "param_dtype", "use_bias", "use_scale", "bias_init", "scale_init",
           "bias_metadata", "scale_metadata", "rngs")
 _FLAX_SETTINGS = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype",
@@ -197,7 +279,7 @@ def _converted(old: nnx.BatchNorm, overrides: dict[str, Any], path: tuple) -> nn
     settings (then ``overrides``) holding its very Variable objects."""
     if isinstance(old, BatchNorm):
         if type(old) is BatchNorm and overrides:
-            settings = {k: getattr(old, k) for k in (*_FLAX_SETTINGS, *Extras._fields)}
+            settings = {k: getattr(old, k) for k in (*_FLAX_SETTINGS, *_JAXBN_OPTIONS)}
         elif overrides:
             raise TypeError(f"jaxbn.nnx.convert: the layer at {_where(path)} is a "
                             f"{type(old).__qualname__}, a subclass of jaxbn.nnx.BatchNorm; "
@@ -241,13 +323,13 @@ def convert(model: Any, **overrides: Any) -> Any:
     ``overrides`` set constructor options on every converted layer: ``axis_name``,
     ``axis_index_groups``, ``momentum``, ``epsilon``, ``dtype``, ``axis``,
     ``use_running_average``, ``use_fast_variance``, ``promote_dtype`` and jaxbn's own
-    (``unbiased_running_var``, ``virtual_batch_size``, ``renorm``, ``skip_nonfinite``). With
-    overrides, existing ``jaxbn.nnx.BatchNorm`` layers are rebuilt with them too; without, they
-    are left as they are. ``momentum=None`` adds a ``count`` BatchStat (from 0). Unknown names
-    raise a TypeError, as do the options that decide which parameters exist (``use_bias``,
-    ``use_scale``, ``param_dtype``, initializers, metadata). A subclass of
-    ``flax.nnx.BatchNorm`` (other than jaxbn's) raises a TypeError: its own code cannot be
-    carried over.
+    (``unbiased_running_var``, ``virtual_batch_size``, ``renorm``, ``skip_nonfinite``,
+    ``sync_method``). With overrides, existing ``jaxbn.nnx.BatchNorm`` layers are rebuilt
+    with them too; without, they are left as they are. ``momentum=None`` adds a ``count``
+    BatchStat (from 0). Unknown names raise a TypeError, as do the options that decide which
+    parameters exist (``use_bias``, ``use_scale``, ``param_dtype``, initializers, metadata).
+    A subclass of ``flax.nnx.BatchNorm`` (other than jaxbn's) raises a TypeError: its own
+    code cannot be carried over.
 
     Args:
       model: an NNX module (or a graph of them: lists, dicts, tuples).

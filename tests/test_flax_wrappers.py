@@ -1,6 +1,12 @@
 """jaxbn.linen / jaxbn.nnx side by side with Flax's own BatchNorm (stable mode)."""
 
+import re
+import warnings
+
+import flax.core
+import flax.errors
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +14,10 @@ import optax
 import pytest
 from flax import nnx
 
+import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
+from tests import reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -275,3 +283,284 @@ def test_nnx_vmap_and_scan():
     for i in range(3):
         mean = 0.5 * mean + 0.5 * np.asarray(x[i], np.float64).mean(0)
     np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- issue 21 item 9
+
+
+def _dtypes(tree):
+    return jax.tree.map(lambda v: jnp.dtype(v.dtype).name, tree)
+
+
+LINEN_DTYPE_CASES = [
+    (jnp.float32, {}),
+    (jnp.bfloat16, {}),
+    (jnp.float32, dict(dtype=jnp.bfloat16)),
+    (jnp.bfloat16, dict(dtype=jnp.bfloat16)),
+    (jnp.bfloat16, dict(force_float32_reductions=False, param_dtype=jnp.bfloat16)),
+    (jnp.float16, dict(force_float32_reductions=False, param_dtype=jnp.float16)),
+    # Flax creates bfloat16 here and widens it to float32 at its first step; jaxbn keeps it
+    (jnp.float32, dict(force_float32_reductions=False, param_dtype=jnp.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("x_dtype,kw", LINEN_DTYPE_CASES,
+                         ids=lambda v: jnp.dtype(v).name if not isinstance(v, dict) else str(v))
+def test_linen_creates_flax_dtypes_and_keeps_them(x_dtype, kw):
+    x = _x((6, 3), x_dtype)
+    ours = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.5, **kw)
+    theirs = nn.BatchNorm(use_running_average=False, momentum=0.5, **kw)
+    v_ours, v_theirs = ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x)
+    assert _dtypes(v_ours) == _dtypes(v_theirs)
+    for variables in (v_ours, v_theirs):  # jaxbn's own state, and a Flax-made one
+        _, upd = ours.apply(variables, x, mutable=["batch_stats"])
+        assert _dtypes(upd["batch_stats"]) == _dtypes(variables["batch_stats"])
+
+
+NNX_DTYPE_CASES = [
+    (jnp.float32, {}),
+    (jnp.bfloat16, {}),
+    (jnp.float32, dict(dtype=jnp.bfloat16)),
+    (jnp.bfloat16, dict(param_dtype=jnp.bfloat16)),
+    (jnp.float16, dict(param_dtype=jnp.float16, dtype=jnp.float16)),
+]
+
+
+@pytest.mark.parametrize("x_dtype,kw", NNX_DTYPE_CASES,
+                         ids=lambda v: jnp.dtype(v).name if not isinstance(v, dict) else str(v))
+def test_nnx_creates_flax_dtypes_and_keeps_them(x_dtype, kw):
+    x = _x((6, 3), x_dtype)
+    ours = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0), **kw)
+    theirs = nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0), **kw)
+    before = _dtypes(nnx.state(ours))
+    assert before == _dtypes(nnx.state(theirs))
+    ours(x)
+    theirs(x)
+    assert _dtypes(nnx.state(ours)) == before == _dtypes(nnx.state(theirs))
+
+
+def test_float64_statistic_dtypes():
+    """jaxbn.linen creates float64 statistics for float64 input (Flax: float32 at init, float64
+    after its first step, so a lax.scan carry changes dtype); a float32 state (a Flax init
+    checkpoint) stays float32. jaxbn.nnx creates float32 as Flax does, and float64 with a
+    float64 param_dtype (Flax: float32)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float64)
+        ours = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.5)
+        theirs = nn.BatchNorm(use_running_average=False, momentum=0.5)
+        v_ours, v_theirs = ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x)
+        _, u_theirs = theirs.apply(v_theirs, x, mutable=["batch_stats"])
+        assert _dtypes(v_theirs["batch_stats"]) == {"mean": "float32", "var": "float32"}
+        assert _dtypes(v_ours["batch_stats"]) == _dtypes(u_theirs["batch_stats"]) == {
+            "mean": "float64", "var": "float64"}
+        _, u_ours = ours.apply(v_theirs, x, mutable=["batch_stats"])
+        assert _dtypes(u_ours["batch_stats"]) == {"mean": "float32", "var": "float32"}
+        for kw, want in (({}, "float32"), (dict(param_dtype=jnp.float64), "float64")):
+            bn = jaxbn.nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0), **kw)
+            assert nnx.state(nnx.BatchNorm(3, rngs=nnx.Rngs(0), **kw))["mean"][...].dtype == (
+                jnp.float32)
+            bn(x)
+            assert (bn.mean[...].dtype.name, bn.var[...].dtype.name) == (want, want)
+
+
+def _ema_step_bound(old, x, momentum, stored_dtype):
+    """Reference (float64) and bound of one running update from the stored ``old`` state with
+    the batch ``x`` (features last), computed in float32 and rounded to ``stored_dtype``."""
+    mo = reference.moments_bound(np.asarray(x, np.float64), axis=-1, dtype=np.float32)
+    u_store = reference.unit_roundoff(stored_dtype)
+    out = {}
+    for name, e_key in (("mean", "e_mean"), ("var", "e_var")):
+        prev = np.asarray(old[name], np.float64)
+        batch = mo[name].ravel()
+        ref = reference.ema(prev, batch, momentum)
+        bound = reference.ema_bound(prev, batch, mo[e_key].ravel(), momentum, np.float32)
+        out[name] = (ref, bound + u_store * (np.abs(ref) + bound))
+    return out
+
+
+def test_flax_bfloat16_checkpoint_keeps_bfloat16_through_scan_and_warns():
+    """Issue 21 item 9: Flax's bfloat16 statistics (force_float32_reductions=False), restored
+    into the jaxbn model, stay bfloat16 step after step (a lax.scan carry), follow the
+    float64 EMA within one bfloat16 rounding per step, and the stall is warned about when the
+    step is traced (momentum 0.99: a bfloat16 average can stop 39% short)."""
+    bf16 = jnp.bfloat16
+    xs = jnp.asarray(np.random.default_rng(7).normal(2.0, 3.0, (4, 16, 3)), bf16)
+    kw = dict(use_running_average=False, force_float32_reductions=False, param_dtype=bf16)
+    checkpoint = flax.serialization.to_bytes(nn.BatchNorm(**kw).init(jax.random.key(0), xs[0]))
+    ours = jaxbn.linen.BatchNorm(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # init updates nothing: no warning
+        target = ours.init(jax.random.key(0), xs[0])
+    variables = flax.serialization.from_bytes(target, checkpoint)
+    assert _dtypes(variables) == _dtypes(target)
+    assert set(jax.tree.leaves(_dtypes(variables))) == {"bfloat16"}
+
+    def step(stats, x):
+        y, upd = ours.apply({"params": variables["params"], "batch_stats": stats}, x,
+                            mutable=["batch_stats"])
+        return upd["batch_stats"], (y, upd["batch_stats"])
+
+    run = jax.jit(lambda stats, xs: jax.lax.scan(step, stats, xs))
+    with pytest.warns(UserWarning, match=r"bfloat16 with momentum=0\.99.*float32") as caught:
+        final, (ys, states) = run(variables["batch_stats"], xs)
+    assert len(caught) == 2  # mean and var, once, while tracing
+    run(variables["batch_stats"], xs)  # no new trace, no warning (warnings are errors here)
+    assert _dtypes(final) == {"mean": "bfloat16", "var": "bfloat16"}
+    assert ys.dtype == bf16
+    old = variables["batch_stats"]
+    for k in range(xs.shape[0]):
+        for name, (ref, bound) in _ema_step_bound(old, xs[k], 0.99, bf16).items():
+            reference.assert_within(states[name][k], ref, bound, f"step {k} {name}")
+        y_ref = reference.bn_forward(np.asarray(xs[k], np.float64), None, None)
+        y_bound = reference.bn_forward_bound(np.asarray(xs[k], np.float64), None, None,
+                                             out_dtype=bf16)
+        reference.assert_within(ys[k], y_ref, y_bound, f"step {k} y")
+        old = {name: states[name][k] for name in ("mean", "var")}
+
+
+def test_nnx_bfloat16_statistics_stay_bfloat16_and_warn_when_traced():
+    bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))  # momentum 0.99
+    bn.mean.set_value(jnp.zeros(3, jnp.bfloat16))  # e.g. restored from a bfloat16 checkpoint
+    bn.var.set_value(jnp.ones(3, jnp.bfloat16))
+    x = _x((16, 3))
+    old = {"mean": bn.mean[...], "var": bn.var[...]}
+    with pytest.warns(UserWarning, match=r"bfloat16 with momentum=0\.99.*float32"):
+        nnx.jit(lambda m, x: m(x))(bn, x)
+    assert (bn.mean[...].dtype, bn.var[...].dtype) == (jnp.bfloat16, jnp.bfloat16)
+    for name, (ref, bound) in _ema_step_bound(old, x, 0.99, jnp.bfloat16).items():
+        reference.assert_within(getattr(bn, name)[...], ref, bound, name)
+
+
+# ----------------------------------------------------------------------------- issue 21 item 7
+
+
+def test_linen_training_call_without_mutable_says_what_to_do():
+    x = _x((6, 3))
+    bn = jaxbn.linen.BatchNorm()
+    variables = bn.init(jax.random.key(0), x, use_running_average=False)
+    with pytest.raises(jaxbn.linen.BatchStatsNotMutableError,
+                       match=r"training mode.*mutable=\['batch_stats'\].*use_running_average"
+                             r"=True") as info:
+        bn.apply(variables, x, use_running_average=False)
+    assert isinstance(info.value, flax.errors.ModifyScopeVariableError)  # Flax's type too
+    bn.apply(variables, x, use_running_average=True)  # evaluation needs no mutable
+
+    class Net(nn.Module):  # Flax's own BatchNorm, run by jaxbn under intercept()
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False)(nn.Dense(3)(x))
+
+    net_vars = Net().init(jax.random.key(0), x)
+    with jaxbn.linen.intercept(), pytest.raises(jaxbn.linen.BatchStatsNotMutableError,
+                                                match="'BatchNorm_0'"):
+        Net().apply(net_vars, x)
+
+
+def test_linen_stored_statistics_of_other_features_say_so():
+    bn = jaxbn.linen.BatchNorm(use_running_average=False, use_scale=False, use_bias=False)
+    variables = bn.init(jax.random.key(0), _x((6, 3)))
+    with pytest.raises(ValueError, match=r"batch_stats/mean has shape \(3,\).*features \(5,\)"
+                                         r".*axis=-1"):
+        bn.apply(variables, _x((6, 5)), mutable=["batch_stats"])
+
+
+def test_nnx_feature_mismatch_speaks_of_the_module():
+    bn = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    for x, size in ((_x((6, 5)), "5"), (_x((6, 3, 2)), "2")):
+        with pytest.raises(ValueError, match=rf"BatchNorm\(num_features=3, axis=-1\) got x of "
+                                             rf"shape {re.escape(str(x.shape))}.*is {size}:.*"
+                                             rf"num_features.*axis=") as info:
+            bn(x)
+        assert "bn_init" not in str(info.value) and "params[" not in str(info.value)
+    channels_first = jaxbn.nnx.BatchNorm(3, axis=1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"axis=1\) got x of shape \(6, 2, 3\)"):
+        channels_first(_x((6, 2, 3)))
+
+
+def test_frozen_dict_variables_keep_flax_container_types():
+    """The wrappers hand containers back as Flax's own BatchNorm does."""
+    x = _x((6, 3))
+    outs = []
+    for cls in (jaxbn.linen.BatchNorm, nn.BatchNorm):
+        bn = cls(use_running_average=False, momentum=0.5)
+        frozen = flax.core.freeze(bn.init(jax.random.key(0), x))
+        _, upd = bn.apply(frozen, x, mutable=["batch_stats"])
+        outs.append(upd)
+    assert jax.tree.structure(outs[0]) == jax.tree.structure(outs[1])
+    assert type(outs[0]) is type(outs[1]) and type(outs[0]["batch_stats"]) is type(
+        outs[1]["batch_stats"])
+    bn = jaxbn.linen.BatchNorm(use_running_average=False)
+    frozen = flax.core.freeze(bn.init(jax.random.key(0), x))
+    precise = jaxbn.precise_linen_stats(bn.apply, frozen, [x, x + 1])
+    assert isinstance(precise, flax.core.FrozenDict)
+    assert jax.tree.structure(precise) == jax.tree.structure(frozen)
+
+
+# ----------------------------------------------------------------------------- issue 23
+
+
+NON_DEFAULT = dict(axis=(-1,), momentum=0.8, epsilon=1e-3, unbiased_running_var=True,
+                   virtual_batch_size=4, renorm=(3.0, 5.0), skip_nonfinite=True,
+                   sync_method="reduce")
+
+
+def test_wrappers_hand_their_fields_to_the_core_as_one_options(monkeypatch):
+    """Each Options field a wrapper exposes reaches the core under its own name (no list of
+    options in the wrappers); allow_single_value is Flax's behaviour, always on."""
+    from jaxbn._src import core
+    from jaxbn._src.options import Options
+
+    seen = []
+    real_apply = core.apply
+
+    def spy(params, state, x, train, options, mask=None):
+        seen.append(options)
+        return real_apply(params, state, x, train, options, mask)
+
+    monkeypatch.setattr(core, "apply", spy)
+    x = _x((8, 3))
+    linen_fields = set(jaxbn.linen.BatchNorm.__dataclass_fields__)
+    exposed = [f for f in Options._fields if f in linen_fields]
+    assert set(exposed) == set(NON_DEFAULT) | {"axis_name", "axis_index_groups"}
+    bn = jaxbn.linen.BatchNorm(use_running_average=False, **NON_DEFAULT)
+    bn.apply(bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    m = jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **NON_DEFAULT)
+    m(x)
+    for options in (seen[-2], seen[-1]):  # the linen apply, the nnx call
+        assert options._replace(axis_name=None, axis_index_groups=None) == Options(
+            **NON_DEFAULT, allow_single_value=True)
+    converted = jaxbn.nnx.convert(nnx.BatchNorm(3, rngs=nnx.Rngs(0)), sync_method="gather")
+    converted(x)
+    assert seen[-1].sync_method == "gather"
+    with jaxbn.linen.intercept(sync_method="gather"):
+        flax_bn = nn.BatchNorm(use_running_average=False)
+        flax_bn.apply(flax_bn.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    assert seen[-1].sync_method == "gather"
+    bad = jaxbn.linen.BatchNorm(use_running_average=False, sync_method="fast")
+    with pytest.raises(ValueError, match=r"sync_method must be one of .*'fast'"):
+        bad.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"sync_method must be one of .*'fast'"):
+        jaxbn.nnx.BatchNorm(3, sync_method="fast", rngs=nnx.Rngs(0))(x)
+
+
+@pytest.mark.parametrize("method", ["gather", "reduce"])
+def test_sync_method_over_devices_matches_float64(method):
+    """sync_method from the linen field and the nnx argument, under pmap over 4 devices:
+    the pooled statistics are those of the whole batch (float64 reference, error bounds)."""
+    x = _x((4, 6, 3), seed=11)
+    flat = np.asarray(x, np.float64).reshape(24, 3)
+    want_y = reference.bn_forward(flat, None, None)
+    y_bound = reference.bn_forward_bound(flat, None, None)
+    mo = reference.moments_bound(flat, axis=-1, dtype=np.float32)
+    bn = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="d", momentum=0.0,
+                               sync_method=method)
+    variables = bn.init(jax.random.key(0), x[0])
+    y, upd = jax.pmap(lambda xx: bn.apply(variables, xx, mutable=["batch_stats"]),
+                      axis_name="d")(x)
+    reference.assert_within(np.asarray(y).reshape(24, 3), want_y, y_bound, f"linen {method}")
+    reference.assert_within(upd["batch_stats"]["mean"][0], mo["mean"].ravel(),
+                            mo["e_mean_stored"].ravel(), "mean")
+    m = jaxbn.nnx.BatchNorm(3, axis_name="d", momentum=0.0, sync_method=method,
+                            rngs=nnx.Rngs(0))
+    y_n = nnx.pmap(lambda mod, xx: mod(xx), in_axes=(None, 0), axis_name="d")(m, x)
+    reference.assert_within(np.asarray(y_n).reshape(24, 3), want_y, y_bound, f"nnx {method}")

@@ -1,36 +1,31 @@
-"""What the two Flax wrappers share: the call into the core, Flax's dtype rules, and jaxbn's
-extra options.
+"""What the two Flax wrappers share: the call into the core and Flax's dtype rules.
 
-The wrappers hold no mathematics: they gather their variables into ``params``/``state``
-dicts, call :func:`jaxbn.bn_apply` through :func:`apply_core`, and write the new state back.
+The wrappers hold no mathematics and no list of options: each builds the core's
+:class:`~jaxbn._src.options.Options` from its own fields of the same names
+(:func:`jaxbn._src.options.from_attributes`), gathers its variables into ``params``/``state``
+dicts, calls :func:`call_core`, and writes the new state back.
 
 Example:
   >>> import jax.numpy as jnp
   >>> from jaxbn._src.flax_common import state_dtypes
   >>> [d.name for d in state_dtypes(jnp.float32, jnp.bfloat16)]
   ['float32', 'float32']
+  >>> [d.name for d in state_dtypes(jnp.bfloat16, jnp.bfloat16)]  # as Flax creates them
+  ['bfloat16', 'bfloat16']
   >>> [d.name for d in state_dtypes(jnp.float32, jnp.complex64)]
   ['complex64', 'float32']
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxbn._src.core import bn_apply
-
-
-class Extras(NamedTuple):
-    """jaxbn's options beyond Flax's (see :func:`jaxbn.bn_apply`); hashable when its values
-    are (``renorm`` is kept as a tuple)."""
-
-    unbiased_running_var: bool = False
-    virtual_batch_size: int | None = None
-    renorm: tuple[Any, Any] | None = None
-    skip_nonfinite: bool = False
+from jaxbn._src import core
+from jaxbn._src.options import Options
 
 
 def as_hashable(value: Any) -> Any:
@@ -42,28 +37,35 @@ def as_hashable(value: Any) -> Any:
 
 
 def state_dtypes(declared: Any, x_dtype: Any, dtype: Any = None) -> tuple[jnp.dtype, jnp.dtype]:
-    """The dtypes of the running ``(mean, var)`` for input of ``x_dtype``: those the core's
-    update returns, so the variables keep one dtype from ``init`` on.
+    """The dtypes in which a wrapper creates the running ``(mean, var)`` for input of
+    ``x_dtype`` (computed in ``dtype``, default ``x_dtype``).
 
-    ``declared`` is the dtype the Flax module would create (float32, or ``param_dtype`` with
-    ``force_float32_reductions=False``); the statistics are computed in ``dtype`` (default
-    ``x_dtype``) promoted to float32 or wider: float64 input under ``jax_enable_x64`` gives
-    float64 statistics, complex input a complex mean and a real variance.
+    ``declared`` is the dtype the Flax module creates (linen: float32, or ``param_dtype`` with
+    ``force_float32_reductions=False``; nnx: float32), and it is what comes back, so a Flax
+    checkpoint and a jaxbn one hold the same dtypes, except where the statistics are computed
+    wider than float32 (float64 input under ``jax_enable_x64``, complex input): there they are
+    created in that wider dtype (a complex mean, a real variance), which flax.linen reaches
+    after its first training step. The core returns every state in the dtype it was given,
+    so these dtypes stay from ``init`` on.
     """
+    declared = jnp.dtype(jax.dtypes.canonicalize_dtype(declared))
     compute = jnp.promote_types(dtype if dtype is not None else x_dtype, jnp.float32)
-    mean_dt = jnp.promote_types(jnp.promote_types(declared, compute), jnp.float32)
-    mean_dt = jnp.dtype(jax.dtypes.canonicalize_dtype(mean_dt))
+    compute = jnp.dtype(jax.dtypes.canonicalize_dtype(compute))
+    if compute == jnp.float32:
+        return declared, declared
+    mean_dt = jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.promote_types(declared, compute)))
     return mean_dt, jnp.finfo(mean_dt).dtype
 
 
-def as_bool_mask(mask):
+def as_bool_mask(mask: Any) -> jax.Array | None:
     """Flax accepts any 0/1 mask: cast it to bool (None stays None)."""
     if mask is None:
         return None
     return jnp.asarray(mask).astype(bool)
 
 
-def run_in_dtype(x: jax.Array, out_dtype, fn):
+def run_in_dtype(x: jax.Array, out_dtype: Any,
+                 fn: Callable[[jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
     """Calls ``fn(x')`` where ``x'`` is ``x`` upcast (exactly) when ``out_dtype`` is wider, and
     returns its output cast to ``out_dtype``: Flax's output dtype without losing precision."""
     out_dtype = jnp.dtype(out_dtype)
@@ -72,16 +74,15 @@ def run_in_dtype(x: jax.Array, out_dtype, fn):
     return y.astype(out_dtype), new
 
 
-def apply_core(x, params: dict, state: dict, train: bool, *, axis, momentum, epsilon,
-               axis_name, axis_index_groups, mask, extras: Extras, out_dtype):
-    """One BatchNorm call as a Flax module makes it; returns ``(y, new_state)``.
+def call_core(x: jax.Array, params: Mapping, state: Mapping, train: bool, options: Options,
+              mask: Any, out_dtype: Any) -> tuple[jax.Array, Any]:
+    """One BatchNorm call as a Flax module makes it: ``jaxbn._src.core.apply`` with
+    ``options``; returns ``(y, new_state)``, ``y`` in ``out_dtype``.
 
-    Like Flax, a batch with one value per feature is accepted in training (``y = bias``), a
-    non-boolean mask is cast to bool, and complex input is normalized (``jaxbn._src.complex_bn``).
+    Like Flax, a batch with one value per feature is accepted in training (``y = bias``) and a
+    non-boolean mask is cast to bool.
     """
-    def call(xx):
-        return bn_apply(params, state, xx, train, axis=axis, momentum=momentum,
-                        epsilon=epsilon, axis_name=axis_name,
-                        axis_index_groups=axis_index_groups, mask=as_bool_mask(mask),
-                        allow_single_value=True, **extras._asdict())
-    return run_in_dtype(x, out_dtype, call)
+    options = options._replace(allow_single_value=True)
+    mask = as_bool_mask(mask)
+    return run_in_dtype(x, out_dtype,
+                        lambda xx: core.apply(params, state, xx, train, options, mask))
