@@ -339,6 +339,7 @@ def test_nnx_creates_flax_dtypes_and_keeps_them(x_dtype, kw):
     assert _dtypes(nnx.state(ours)) == before == _dtypes(nnx.state(theirs))
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_float64_statistic_dtypes():
     """jaxbn.linen creates float64 statistics for float64 input (Flax: float32 at init, float64
     after its first step, so a lax.scan carry changes dtype); a float32 state (a Flax init
@@ -378,6 +379,7 @@ def _ema_step_bound(old, x, momentum, stored_dtype):
     return out
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_flax_bfloat16_checkpoint_keeps_bfloat16_through_scan_and_warns():
     """Issue 21 item 9: Flax's bfloat16 statistics (force_float32_reductions=False), restored
     into the jaxbn model, stay bfloat16 step after step (a lax.scan carry), follow the
@@ -504,6 +506,7 @@ NON_DEFAULT = dict(axis=(-1,), momentum=0.8, epsilon=1e-3, unbiased_running_var=
                    sync_method="reduce")
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 def test_wrappers_hand_their_fields_to_the_core_as_one_options(monkeypatch):
     """Each Options field a wrapper exposes reaches the core under its own name (no list of
     options in the wrappers); allow_single_value is Flax's behaviour, always on."""
@@ -543,6 +546,7 @@ def test_wrappers_hand_their_fields_to_the_core_as_one_options(monkeypatch):
         jaxbn.nnx.BatchNorm(3, sync_method="fast", rngs=nnx.Rngs(0))(x)
 
 
+@pytest.mark.slow  # first case > 0.7 s on 2 cores (conftest's rule)
 @pytest.mark.parametrize("method", ["gather", "reduce"])
 def test_sync_method_over_devices_matches_float64(method):
     """sync_method from the linen field and the nnx argument, under pmap over 4 devices:
