@@ -217,6 +217,42 @@ def test_training_step_export_gradients(mask_kind):
         _check_train_state(new, state, x64, axis, mask)
 
 
+@pytest.mark.parametrize("method,masked", [("gather", False), ("reduce", False),
+                                            ("gather", True)])
+def test_synchronized_over_a_vmap_axis_export(method, masked):
+    """``axis_name`` over a ``vmap`` axis of 4 members, each with a symbolic batch ``b``: the
+    statistics of all ``4 b`` examples (counts as run-time values in both ``sync_method``s)."""
+    members, params, state = 4, *_params_state()
+
+    def f(p, s, x, m):
+        def one(x, m):
+            return jaxbn.bn_apply(p, s, x, True, momentum=MOMENTUM, epsilon=EPS, mask=m,
+                                  axis_name="i", sync_method=method)
+
+        return jax.vmap(one, axis_name="i", out_axes=(0, None))(x, m)
+
+    (b,) = export.symbolic_shape("b")
+    mask_spec = jax.ShapeDtypeStruct((members, b, 1), jnp.bool_) if masked else None
+    exported = _round_trip(f, params, state, jax.ShapeDtypeStruct((members, b, 3), jnp.float32),
+                           mask_spec)
+    for size in (2, 3):
+        mask = None
+        if masked:  # uneven valid counts: member i keeps its first i + 1 rows (at most size)
+            mask = np.arange(size)[None, :, None] < np.arange(1, members + 1)[:, None, None]
+        x = _padded(_x((members, size, 3)), mask)
+        y, new = exported.call(params, state, x, mask)
+        flat = np.asarray(x, np.float64).reshape(members * size, 3)
+        m = None if mask is None else mask.reshape(members * size, 1)
+        want = ref.bn_forward(flat, params["scale"], params["bias"], -1, m, EPS)
+        bound = ref.bn_forward_bound(flat, params["scale"], params["bias"], -1, m, EPS)
+        valid = np.ones(flat.shape, bool) if m is None else np.broadcast_to(m, flat.shape)
+        got = np.asarray(y).reshape(members * size, 3)
+        # the bound holds for the sums in any order, pooled over members too (see
+        # reference.moments_bound)
+        ref.assert_within(got[valid], want[valid], bound[valid], "y")
+        _check_train_state(new, state, flat, -1, m)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_ghost_batches_export_with_a_batch_declared_a_multiple(masked):
     """``virtual_batch_size=4`` with the batch declared ``4*k``: each group of 4 examples is
