@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxbn._src import optional
 from jaxbn._src.flax_common import as_hashable, call_core, state_dtypes
@@ -103,7 +105,8 @@ class BatchNorm(nn.BatchNorm):
     sync_method: str = "auto"
 
     @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    def __call__(self, x: ArrayLike, use_running_average: bool | None = None, *,
+                 mask: ArrayLike | None = None) -> jax.Array:
         """Normalizes ``x``; with batch statistics unless ``use_running_average``.
 
         During ``init`` in training mode ``x`` is normalized with its own statistics, but the

@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxbn._src import optional
 from jaxbn._src.flax_common import as_hashable, call_core, state_dtypes
@@ -163,7 +165,8 @@ class BatchNorm(nnx.BatchNorm):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    def __call__(self, x: ArrayLike, use_running_average: bool | None = None, *,
+                 mask: ArrayLike | None = None) -> jax.Array:
         """Normalizes ``x``; the call's ``use_running_average`` overrides the attribute.
 
         Like Flax, ``promote_dtype`` receives ``(x, mean, var, scale, bias)`` (``None`` for a

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxbn._src import core
 from jaxbn._src.options import Options
@@ -64,17 +65,18 @@ def as_bool_mask(mask: Any) -> jax.Array | None:
     return jnp.asarray(mask).astype(bool)
 
 
-def run_in_dtype(x: jax.Array, out_dtype: Any,
+def run_in_dtype(x: ArrayLike, out_dtype: Any,
                  fn: Callable[[jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
     """Calls ``fn(x')`` where ``x'`` is ``x`` upcast (exactly) when ``out_dtype`` is wider, and
     returns its output cast to ``out_dtype``: Flax's output dtype without losing precision."""
+    x = jnp.asarray(x)
     out_dtype = jnp.dtype(out_dtype)
     wider = jnp.promote_types(x.dtype, out_dtype) == out_dtype and out_dtype != x.dtype
     y, new = fn(x.astype(out_dtype) if wider else x)
     return y.astype(out_dtype), new
 
 
-def call_core(x: jax.Array, params: Mapping, state: Mapping, train: bool, options: Options,
+def call_core(x: ArrayLike, params: Mapping, state: Mapping, train: bool, options: Options,
               mask: Any, out_dtype: Any) -> tuple[jax.Array, Any]:
     """One BatchNorm call as a Flax module makes it: ``jaxbn._src.core.apply`` with
     ``options``; returns ``(y, new_state)``, ``y`` in ``out_dtype``.
