@@ -381,7 +381,7 @@ def test_one_value_per_feature_refused_at_call_by_a_constraint():
 # ----------------------------------------------------------------------- Flax wrappers
 
 
-@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("train", [False, True])
 def test_linen_export(train):
     """``jaxbn.linen.BatchNorm`` on NHWC input with symbolic batch and spatial sizes."""
     import jaxbn.linen
@@ -421,7 +421,7 @@ def test_linen_export(train):
                                               np.asarray(state[key]))
 
 
-@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("train", [False, True])
 def test_nnx_export(train):
     """``jaxbn.nnx.BatchNorm`` as a pure function (``nnx.split``, ``nnx.merge``, its state as
     plain dicts) on NHWC input with symbolic batch and spatial sizes."""
