@@ -470,3 +470,29 @@ def test_nnx_export(train):
                                                 state["mean"], state["var"], axis, EPS), "y")
             for key in ("mean", "var"):
                 np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(state[key]))
+
+
+def test_synchronized_export_with_symbolic_shapes_is_a_clear_error():
+    """JAX 0.10.2 cannot call (and may crash refining) a symbolic export whose statistics are
+    all-reduced over shard_map axes: jaxbn refuses it while tracing."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    params, state = jaxbn.bn_init(3)
+
+    def body(x):
+        return jaxbn.bn_apply(params, state, x, True, axis_name="d")[0]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("2*b, 3"), jnp.float32,
+                                sharding=jax.sharding.NamedSharding(mesh, P("d")))
+    with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match="symbolic"):
+        export.export(f)(spec)
+
+
+def test_symbolic_vmap_axis_name_is_a_clear_error():
+    params, state = jaxbn.bn_init(3)
+    f = jax.jit(jax.vmap(lambda x: jaxbn.bn_apply(params, state, x, True, axis_name="b")[0],
+                         axis_name="b"))
+    with pytest.raises(NotImplementedError, match="symbolic size"):
+        export.export(f)(jax.ShapeDtypeStruct(export.symbolic_shape("n, 2, 3"), jnp.float32))

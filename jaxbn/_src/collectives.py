@@ -43,6 +43,12 @@ def check_bound(axis_name: AxisName) -> int:
                 f"axis_name {name!r} is not bound: call bn_apply inside jax.pmap, "
                 f"jax.shard_map or jax.vmap with that axis name (or pass axis_name=None "
                 f"for per-device statistics)") from None
+        except jax.errors.InconclusiveDimensionOperation:
+            # A vmap axis of symbolic size (jax.export): its size is not known when tracing.
+            raise NotImplementedError(
+                f"axis_name {name!r} is a vmap axis of symbolic size: synchronized statistics "
+                f"need the size of the named axes when tracing. Export with a static size for "
+                f"that axis, or normalize the batch as one array (axis_name=None)") from None
     return size
 
 

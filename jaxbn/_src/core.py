@@ -19,7 +19,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn._src import checks, collectives, complex_bn, ghost, moments, running
-from jaxbn._src.layout import Layout, as_features, make_layout
+from jaxbn._src.layout import Layout, as_features, is_static, make_layout
 from jaxbn._src.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 from jaxbn._src.options import Options
 from jaxbn._src.state import Batch, Mode, same_container, update_mode, updated
@@ -117,6 +117,13 @@ def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Optio
     devices = 1
     if options.axis_name is not None:
         axis_size = collectives.check_bound(options.axis_name)
+        if collectives.device_count(options.axis_name) > 1 and not all(
+                is_static(d) for d in layout.shape):
+            # JAX 0.10.2 cannot call such an export (and crashes refining its shapes)
+            raise NotImplementedError(
+                f"x has symbolic dimensions {layout.shape} and axis_name={options.axis_name!r} "
+                f"names shard_map/pmap axes: JAX cannot run collectives over shapes that are "
+                f"symbolic (jax.export). Export synchronized training with static shapes")
         groups = collectives.normalize_groups(options.axis_index_groups)
         checks.check_groups_cover(groups, axis_size, options.axis_name)
         devices = axis_size if groups is None else len(groups[0])
