@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import reference as ref
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import datasets  # noqa: E402
+
+U = ref.unit_roundoff(np.float32)
 
 
 def _write_idx(path, arr, gz=True):
@@ -34,6 +38,7 @@ def test_idx_roundtrip_and_mnist_loader(tmp_path):
         _write_idx(tmp_path / name, imgs if "images" in key else labels)
     x_tr, y_tr, x_te, y_te = datasets.load_mnist(tmp_path)
     assert x_tr.shape == (5, 784) and x_tr.dtype == np.float32
+    # x / 255 in float32: correctly rounded (IEEE division), within 2**-24 relative < 1e-7
     np.testing.assert_allclose(x_tr[0], imgs[0].ravel() / 255.0)
     np.testing.assert_array_equal(y_te, labels)
 
@@ -145,7 +150,7 @@ def test_layer_grad_norms_match_closed_form():
     hist = nvb.train(cfg, data, progress=False, verbose=False)
     params, _ = nvb.init_model(jax.random.key(cfg.seed), cfg, 64, 10)
     w0, b0, w1, b1 = (np.asarray(params[i][k], np.float64) for i in (0, 1) for k in ("w", "b"))
-    norms = []
+    norms, bounds = [], []
     for i in range(6):  # the 6 probe batches of 20 (the 120 training examples)
         x = np.asarray(data[0][i * 20:(i + 1) * 20], np.float64)
         y = data[1][i * 20:(i + 1) * 20]
@@ -154,8 +159,20 @@ def test_layer_grad_norms_match_closed_form():
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         p[np.arange(20), y] -= 1.0
-        norms.append(np.linalg.norm(h.T @ p / 20))
-    np.testing.assert_allclose(hist["layer_grad_norms"][0][-1], np.mean(norms), rtol=1e-4)
+        g = h.T @ p / 20
+        norms.append(np.linalg.norm(g))
+        # float32 error bound, layer by layer: the 64-term pre-activation and the sigmoid (a
+        # few ulps), the 16-term logits, the softmax (a perturbation dz moves p_i by at most
+        # p_i (dz_i + sum_j p_j dz_j); exp, a 10-term sum and a division), the 20-term sum of
+        # h^T (p - onehot), then the norm (a 160-term sum of squares and a square root)
+        e_h = h * (1 - h) * 65 * U * (np.abs(x) @ np.abs(w0) + np.abs(b0)) + 8 * U * h
+        e_z = e_h @ np.abs(w1) + 17 * U * (h @ np.abs(w1) + np.abs(b1))
+        prob = p + np.eye(10)[y]
+        e_p = prob * (e_z + (prob * e_z).sum(1, keepdims=True) + 20 * U) + U * np.abs(p)
+        e_g = (h.T @ e_p + e_h.T @ np.abs(p)) / 20 + 22 * U * (h.T @ np.abs(p)) / 20
+        bounds.append(np.linalg.norm(e_g) + 82 * U * norms[-1])
+    ref.assert_within(hist["layer_grad_norms"][0][-1], np.mean(norms),
+                      np.mean(bounds) + 7 * U * np.mean(norms), "output layer's gradient norm")
     assert len(hist["layer_grad_norms"]) == 2 and len(hist["layer_grad_norms"][0]) == 2
 
 
@@ -169,9 +186,19 @@ def test_adabn_reestimates_first_layer_statistics():
     params, states = nvb.init_model(jax.random.key(0), cfg, 64, 10)
     x = _tiny_digits()[0] * 0.5 + 0.3
     adapted = nvb.make_fns(cfg).adapt(params, states, x.reshape(4, 30, 64))
-    pre = x.astype(np.float64) @ np.asarray(params[0]["w"], np.float64)
-    np.testing.assert_allclose(adapted[0]["mean"], pre.mean(0), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(adapted[0]["var"], pre.var(0), rtol=1e-4, atol=1e-6)
+    w = np.asarray(params[0]["w"], np.float64)
+    pre = x.astype(np.float64) @ w
+    # float32 x @ W: a 64-term sum per value; its error moves the mean by its average and the
+    # variance by twice the average of |pre - mean| times it; then Chan's pooled update of the
+    # 4 batches' statistics (tests.reference.accumulate_bound)
+    e_pre = 65 * U * (np.abs(x.astype(np.float64)) @ np.abs(w))
+    acc = (0.0, 0.0, 0.0, 0.0, 0.0)
+    for batch in pre.reshape(4, 30, -1):
+        acc = ref.accumulate_bound(acc, ref.stats_with_bounds(batch))
+    mean_bound = acc[3] + e_pre.mean(0)
+    var_bound = acc[4] + 2 * (np.abs(pre - pre.mean(0)) * e_pre).mean(0) + e_pre.mean(0) ** 2
+    ref.assert_within(adapted[0]["mean"], pre.mean(0), mean_bound, "adapted mean")
+    ref.assert_within(adapted[0]["var"], pre.var(0), var_bound, "adapted var")
     assert set(adapted[0]) == set(states[0])  # back to an ordinary state
 
 
@@ -194,7 +221,11 @@ def test_dropout_only_in_training():
     h = np.asarray(jax.nn.relu(x_tr @ params[0]["w"]))[:, :10]
     out = np.asarray(nvb.forward(params, states, x_tr, True, cfg, jax.random.key(1))[0])
     kept = out != 0
-    np.testing.assert_allclose(out[kept], 2 * h[kept], rtol=1e-5)
+    # h and the example's own x @ W (64-term float32 sums, in whatever order each program
+    # takes), then exact steps: / (1 - 0.5), a sum with 999 zeros, + 0
+    e_h = 65 * U * (np.abs(np.asarray(x_tr, np.float64))
+                    @ np.abs(np.asarray(params[0]["w"], np.float64)))[:, :10]
+    ref.assert_within(out[kept], 2 * h[kept], 2 * 2 * e_h[kept], "kept units")
     assert 0.35 < kept[h > 0].mean() < 0.65
 
 
@@ -212,7 +243,13 @@ def test_cnn_bn_state_per_channel():
     img = np.pad(x.reshape(5, 8, 8).astype(np.float64), ((0, 0), (1, 1), (1, 1)))
     w = np.asarray(params[0]["w"], np.float64)[:, :, 0, :]
     conv = sum(img[:, i:i + 8, j:j + 8, None] * w[i, j] for i in range(3) for j in range(3))
-    np.testing.assert_allclose(new[0]["mean"], 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+    # the convolution's 9-term float32 sums, averaged, plus the mean's own bound and the EMA's
+    e_conv = 10 * U * sum(np.abs(img[:, i:i + 8, j:j + 8, None]) * np.abs(w[i, j])
+                          for i in range(3) for j in range(3))
+    mo = ref.moments_bound(conv)
+    mean = conv.mean((0, 1, 2))
+    ref.assert_within(new[0]["mean"], 0.1 * mean, ref.ema_bound(
+        0.0, mean, mo["e_mean_stored"].ravel() + e_conv.mean((0, 1, 2)), 0.9), "running mean")
 
 
 @pytest.fixture(scope="module")
