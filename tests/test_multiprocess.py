@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import multi_process  # noqa: E402
 
+from tests import reference as ref  # noqa: E402
+
 
 @pytest.mark.slow
 def test_two_processes_match_global_float64(tmp_path):
@@ -22,8 +24,11 @@ def test_two_processes_match_global_float64(tmp_path):
     got = json.loads((tmp_path / multi_process.RESULT).read_text())
     assert got["global_devices"] == 4
     x = multi_process.global_batch(4).astype(np.float64)  # the reference, computed here
-    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(got["var"], x.var(0), rtol=1e-4)
+    # momentum 0: the batch statistics as a float32 state holds them, within their bounds
+    # (moments pooled across the 4 devices included: tests.reference.moments_bound)
+    _, _, _, e_mean, e_var = ref.stats_with_bounds(x)
+    ref.assert_within(got["mean"], x.mean(0), e_mean, "mean over 2 processes")
+    ref.assert_within(got["var"], x.var(0), e_var, "var over 2 processes")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("OK: 2 processes, 4 devices"), proc.stdout
     assert list(tmp_path.iterdir()) == [tmp_path / multi_process.RESULT]  # nothing else written
