@@ -26,6 +26,25 @@ def _batches(means=(0.0, 2.0, 4.0, 6.0), n=4):
     return [(rng.randn(n, 1) + m).astype(np.float32) for m in means]
 
 
+def _check_pooled(mean, var, batches, unbiased=False, ghost=None):
+    """Precise statistics against those of all the batches together (float64), within the
+    bound of Chan's pooled update applied batch after batch (ghost batches: group by group);
+    ``unbiased``: Bessel's factor once, for the pooled count (a few ulps more)."""
+    groups = [g for b in batches for g in (np.split(b, len(b) // ghost) if ghost else [b])]
+    acc = (0.0, 0.0, 0.0, 0.0, 0.0)
+    for g in groups:
+        acc = ref.accumulate_bound(acc, ref.stats_with_bounds(g))
+    data = np.concatenate(batches).astype(np.float64)
+    n = len(data)
+    e_var = acc[4]
+    if unbiased:  # stored unbiased, un-biased and re-biased at each update: a few ulps each
+        e_var = (e_var + 6 * len(groups) * ref.unit_roundoff(np.float32) * data.var(0)
+                 ) * n / (n - 1)
+    if mean is not None:
+        ref.assert_within(mean, data.mean(0), acc[3], "pooled mean")
+    ref.assert_within(var, data.var(0, ddof=1 if unbiased else 0), e_var, "pooled var")
+
+
 # ----------------------------------------------------------------------------- item 1
 
 
@@ -52,9 +71,7 @@ def test_precise_stats_through_any_pytree(wrap, get):
     assert type(out) is type(wrap(state))
     final = get(out)
     assert "seen" not in final
-    data = np.concatenate(batches).astype(np.float64)
-    np.testing.assert_allclose(final["mean"], [data.mean()], rtol=1e-6)
-    np.testing.assert_allclose(final["var"], [data.var()], rtol=1e-5)
+    _check_pooled(final["mean"], final["var"], batches)
 
 
 def test_precise_stats_mean_of_batches_0_2_4_6_is_3():
@@ -64,7 +81,8 @@ def test_precise_stats_mean_of_batches_0_2_4_6_is_3():
         st = get(jaxbn.reset_stats(tree_of(state)))
         for m in (0.0, 2.0, 4.0, 6.0):  # batches with means 0, 2, 4, 6 (was 4.96: an EMA)
             _, st = jaxbn.bn_apply(params, st, jnp.array([[m - 1.0], [m + 1.0]]), True)
-        assert float(get(jaxbn.finish_stats(tree_of(st)))["mean"][0]) == pytest.approx(3.0)
+        # every step is exact in float32 (small integers and halves): 3 exactly
+        assert float(get(jaxbn.finish_stats(tree_of(st)))["mean"][0]) == 3.0
 
 
 def test_precise_linen_stats_on_frozen_variables():
@@ -72,9 +90,7 @@ def test_precise_linen_stats_on_frozen_variables():
     v = freeze(bn.init(jax.random.key(0), jnp.ones((4, 1))))
     batches = _batches()
     out = jaxbn.precise_linen_stats(bn.apply, v, [jnp.asarray(b) for b in batches])
-    data = np.concatenate(batches).astype(np.float64)
-    np.testing.assert_allclose(out["batch_stats"]["mean"], [data.mean()], rtol=1e-6)
-    np.testing.assert_allclose(out["batch_stats"]["var"], [data.var()], rtol=1e-5)
+    _check_pooled(out["batch_stats"]["mean"], out["batch_stats"]["var"], batches)
     assert "seen" not in out["batch_stats"]
 
 
@@ -125,10 +141,18 @@ def test_stats_dtype_float64_keeps_float64_statistics():
         _, new = jaxbn.bn_apply(params, state, x, True, momentum=0.0)
         assert new["mean"].dtype == jnp.float64
         y, _ = jaxbn.bn_apply(params, new, x, False)
-        # eval on the training batch with its own statistics: mean(y) ~ 0 (was 0.18 in float32)
-        assert abs(float(jnp.mean(y))) < 1e-6
-        mean, var, _ = ref.batch_stats(np.asarray(x))
-        np.testing.assert_allclose(new["var"], var.ravel(), rtol=1e-9)
+        # eval on the training batch with its own statistics: mean(y) is 0 up to the stored
+        # mean's error over sigma, the eval's float64 roundings and the 64-term mean (~1e-9;
+        # was 0.18 in float32)
+        x64 = np.asarray(x)
+        mean, var, _, e_mean, e_var = ref.stats_with_bounds(x64, dtype=np.float64)
+        sigma = np.sqrt(var + 1e-5)
+        eval_bound = ref.bn_eval_bound(x64, None, None, new["mean"], new["var"], dtype=np.float64)
+        y_size = np.abs(x64 - mean) / sigma
+        bound = (e_mean / sigma + eval_bound.mean(0)
+                 + ref.sum_error_bound(y_size.sum(0), 64, np.float64, ulps=2) / 64)
+        ref.assert_within(jnp.mean(y, 0), 0.0, bound, "mean of y")
+        ref.assert_within(new["var"], var, e_var, "float64 var")
         # a default (float32) state keeps its dtype: the float64 statistics, rounded once
         _, kept = jaxbn.bn_apply(*jaxbn.bn_init(1), x, True, momentum=0.0)
         assert kept["mean"].dtype == jnp.float32
@@ -187,10 +211,8 @@ def test_precise_unbiased_variance_uses_the_pooled_count():
     for b in batches:
         _, st = jaxbn.bn_apply(params, st, jnp.asarray(b), True, unbiased_running_var=True)
     st = jaxbn.finish_stats(st)
-    data = np.concatenate(batches).astype(np.float64)
     # Bessel's factor once, for the 12 pooled values (per batch it would be 3/2 each time)
-    np.testing.assert_allclose(st["var"], [data.var(ddof=1)], rtol=1e-5)
-    np.testing.assert_allclose(st["mean"], [data.mean()], rtol=1e-6)
+    _check_pooled(st["mean"], st["var"], batches, unbiased=True)
 
 
 def test_precise_unbiased_variance_with_ghost_batches():
@@ -200,11 +222,21 @@ def test_precise_unbiased_variance_with_ghost_batches():
     for b in batches:
         _, st = jaxbn.bn_apply(params, st, jnp.asarray(b), True, unbiased_running_var=True,
                                virtual_batch_size=2)
-    data = np.concatenate(batches).astype(np.float64)
-    np.testing.assert_allclose(jaxbn.finish_stats(st)["var"], [data.var(ddof=1)], rtol=1e-5)
+    _check_pooled(None, jaxbn.finish_stats(st)["var"], batches, unbiased=True, ghost=2)
 
 
 # ------------------------------------------------------------------------------ item 5
+
+
+def _folded_bound(magnitude, scale, var, beta, bias_dev, terms):
+    """Bound on a Dense layer folded with an inference BatchNorm, in float32: every term of
+    ``x @ (k * a) + (b - mean) * a + beta`` (``a = scale / sigma``, itself a few ulps of rsqrt
+    off) rounded a few times, plus the ``terms``-term sum. ``magnitude``: ``|x| @ |k|``."""
+    u = ref.unit_roundoff(np.float32)
+    a = np.abs(scale) / np.sqrt(np.asarray(var, np.float64) + 1e-5)
+    e_a = (ref.RSQRT_ULPS + 2) * u
+    return (magnitude * a + bias_dev * a) * (e_a + (terms + 3) * u) + (terms + 3) * u * np.abs(
+        np.asarray(beta, np.float64))
 
 
 class _Net(nn.Module):
@@ -240,7 +272,10 @@ def test_fold_linen_keeps_the_original_model_right(use_bias, use_scale):
         z = z + np.asarray(v["params"]["Dense_0"]["bias"], np.float64)
     s = np.asarray(bnp["scale"], np.float64) if use_scale else 1.0
     want = (z - mean) / np.sqrt(var + 1e-5) * s + np.asarray(bnp["bias"], np.float64)
-    np.testing.assert_allclose(net.apply(folded, x), want, atol=2e-5, rtol=1e-5)  # was off by 8
+    bias = (np.asarray(v["params"]["Dense_0"]["bias"], np.float64) if use_bias else 0.0)
+    bound = _folded_bound(np.abs(np.asarray(x, np.float64)) @ np.abs(k), s, var,
+                          np.abs(bnp["bias"]), np.abs(bias - mean), 4)
+    ref.assert_within(net.apply(folded, x), want, bound, "folded model")  # was off by 8
     assert ("bias" in folded["params"]["Dense_0"]) == use_bias
 
 
@@ -269,8 +304,9 @@ def test_one_value_under_vmap_of_size_one_raises():
     x2 = jnp.asarray(np.random.RandomState(0).randn(2, 1, F), jnp.float32)
     y, _ = jax.vmap(lambda v: jaxbn.bn_apply(params, state, v, True, axis_name="i"),
                     axis_name="i")(x2)
-    want = ref.bn_forward(np.asarray(x2).reshape(2, F), None, None)
-    np.testing.assert_allclose(np.asarray(y).reshape(2, F), want, atol=1e-4)
+    x2 = np.asarray(x2).reshape(2, F)
+    ref.assert_within(np.asarray(y).reshape(2, F), ref.bn_forward(x2, None, None),
+                      ref.bn_forward_bound(x2, None, None), "y")
 
 
 def test_one_value_per_group_under_pmap_raises(devices):
@@ -296,9 +332,10 @@ def test_allow_single_value_normalizes_with_variance_zero():
     with pytest.raises(ValueError, match="allow_single_value=True"):
         jaxbn.bn_apply(params, state, x, True)
     y, new = jaxbn.bn_apply(params, state, x, True, momentum=0.9, allow_single_value=True)
-    np.testing.assert_allclose(y, [[1.0, -2.0, 0.5]])  # y = bias (flax.linen's result)
-    np.testing.assert_allclose(new["var"], [0.9] * F, rtol=1e-6)  # 0.9 * 1 + 0.1 * 0
-    np.testing.assert_allclose(new["mean"], [0.3, 0.4, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(y, [[1.0, -2.0, 0.5]])  # y = bias exactly (x - mean = 0)
+    ref.assert_within(new["var"], [0.9] * F, ref.ema_bound(1.0, 0.0, 0.0, 0.9),
+                      "var")  # 0.9 * 1 + 0.1 * 0
+    ref.assert_within(new["mean"], [0.3, 0.4, 0.5], ref.ema_bound(0.0, x[0], 0.0, 0.9), "mean")
 
 
 def test_empty_batch_returns_empty_and_keeps_the_state():
@@ -319,15 +356,16 @@ def test_numpy_integers_are_accepted():
     params, state = jaxbn.bn_init(np.int64(F))
     params2, _ = jaxbn.bn_init(jnp.array(F))
     assert params["scale"].shape == params2["scale"].shape == (F,)
+    x64 = np.asarray(x, np.float64)
     for axis in (np.int64(1), np.array(1), jnp.array(-2), (np.int32(1),)):
         y, _ = jaxbn.bn_apply(params, state, x, True, axis=axis)
-        np.testing.assert_allclose(y, ref.bn_forward(np.asarray(x), None, None, axis=1),
-                                   atol=1e-5)
+        ref.assert_within(y, ref.bn_forward(x64, None, None, axis=1),
+                          ref.bn_forward_bound(x64, None, None, axis=1), f"y, axis={axis!r}")
     y, _ = jaxbn.bn_apply(params, state, x[..., 0], True, virtual_batch_size=np.int64(2))
-    xs = np.asarray(x[..., 0], np.float64)
-    want = np.concatenate([ref.bn_forward(xs[:2], None, None), ref.bn_forward(xs[2:], None,
-                                                                                None)])
-    np.testing.assert_allclose(y, want, atol=1e-4)
+    groups = (x64[:2, :, 0], x64[2:, :, 0])
+    ref.assert_within(y, np.concatenate([ref.bn_forward(g, None, None) for g in groups]),
+                      np.concatenate([ref.bn_forward_bound(g, None, None) for g in groups]),
+                      "ghost-batch y")
 
 
 @pytest.mark.parametrize("kwargs, err, text", [
@@ -393,8 +431,9 @@ def test_numpy_epsilon_is_accepted():
     params, state = jaxbn.bn_init(F)
     x = jnp.asarray(np.random.RandomState(0).randn(4, F), jnp.float32)
     y, _ = jaxbn.bn_apply(params, state, x, True, epsilon=np.float32(1e-3))
-    np.testing.assert_allclose(y, ref.bn_forward(np.asarray(x), None, None, eps=1e-3),
-                               atol=1e-5)
+    eps = float(np.float32(1e-3))  # the epsilon given
+    ref.assert_within(y, ref.bn_forward(np.asarray(x), None, None, eps=eps),
+                      ref.bn_forward_bound(np.asarray(x), None, None, eps=eps), "y")
 
 
 # --------------------------------------------------------------------------- item 15
@@ -438,18 +477,21 @@ def test_feature_sharded_explicit_mesh(devices, opts):
         y, new = jax.jit(lambda v, s: jaxbn.bn_apply(params, s, v, True, **opts))(xs, state)
     assert y.sharding.spec == P(None, "m")
     assert new["mean"].sharding.spec == P("m") and new["var"].sharding.spec == P("m")
-    mean, var, n = ref.batch_stats(x, mask=mask)
-    mean, var, n = mean.ravel(), var.ravel(), n.ravel()
+    mean, var, n, e_mean, e_var = ref.stats_with_bounds(x, mask=mask)
     if "renorm" not in opts:  # renorm's y depends on the running statistics (r, d clipped)
-        np.testing.assert_allclose(y, ref.bn_forward(x, None, None, mask=mask), atol=2e-5)
+        ref.assert_within(y, ref.bn_forward(x, None, None, mask=mask),
+                          ref.bn_forward_bound(x, None, None, mask=mask), "y")
     if opts.get("unbiased_running_var"):
+        e_var = (e_var + 3 * ref.unit_roundoff(np.float32) * var) * n / (n - 1)
         var = var * n / (n - 1)
     if "momentum" in opts:  # cumulative average of one batch: the batch statistics
-        want_mean, want_var = mean, var
+        want = {"mean": (mean, ref.cumulative_bound(0.0, mean, 0.0, e_mean, 0)),
+                "var": (var, ref.cumulative_bound(1.0, var, 0.0, e_var, 0))}
     else:
-        want_mean, want_var = 0.01 * mean, 0.99 + 0.01 * var
-    np.testing.assert_allclose(new["mean"], want_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(new["var"], want_var, rtol=1e-5)
+        want = {"mean": (0.01 * mean, ref.ema_bound(0.0, mean, e_mean, 0.99)),
+                "var": (0.99 + 0.01 * var, ref.ema_bound(1.0, var, e_var, 0.99))}
+    for k, (value, bound) in want.items():
+        ref.assert_within(new[k], value, bound, f"running {k}")
 
 
 def test_fold_linen_add_bias_for_a_model_rebuilt_with_biases():
@@ -461,6 +503,9 @@ def test_fold_linen_add_bias_for_a_model_rebuilt_with_biases():
     v["batch_stats"]["BatchNorm_0"] = {"mean": jnp.asarray(mean, jnp.float32),
                                        "var": jnp.asarray(var, jnp.float32)}
     folded = jaxbn.fold_linen(v, {"Dense_0": "BatchNorm_0"}, add_bias=True)
-    z = np.asarray(x, np.float64) @ np.asarray(v["params"]["Dense_0"]["kernel"], np.float64)
+    k = np.asarray(v["params"]["Dense_0"]["kernel"], np.float64)
+    z = np.asarray(x, np.float64) @ k
     want = (z - mean) / np.sqrt(var + 1e-5)
-    np.testing.assert_allclose(_Net(True).apply(folded, x), want, atol=2e-5, rtol=1e-5)
+    bound = _folded_bound(np.abs(np.asarray(x, np.float64)) @ np.abs(k), 1.0, var, 0.0,
+                          np.abs(mean), 4)
+    ref.assert_within(_Net(True).apply(folded, x), want, bound, "rebuilt model")
