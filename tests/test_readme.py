@@ -138,9 +138,6 @@ def _section_entries(doc: str, heading: str) -> set[str]:
     return names
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 item 5: the wrappers' docstrings list their "
-                   "fields in prose, not in Attributes/Args sections (edit proposed to the "
-                   "owner of jaxbn/linen.py and jaxbn/nnx.py); remove this mark with the edit")
 def test_the_wrappers_document_every_field():
     """The API reference lists every field of jaxbn.linen.BatchNorm (a docstring Attributes
     section) and every constructor argument of jaxbn.nnx.BatchNorm (an Args section)."""
