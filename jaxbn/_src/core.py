@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn._src import checks, collectives, complex_bn, ghost, moments, running
+from jaxbn._src import checks, collectives, complex_bn, ghost, moments, option_checks, running
 from jaxbn._src.layout import Layout, as_features, is_static, make_layout
 from jaxbn._src.normalize import Fallback, Renorm, TrainConfig, eval_normalize, train_normalize
 from jaxbn._src.options import Options
@@ -60,8 +60,8 @@ def bn_init(features: int | Sequence[int], *, use_scale: bool = True, use_bias: 
       (['bias', 'scale'], ['count', 'mean', 'var'], (3,), 'float32')
     """
     shape = as_features(features)
-    sdt = checks.check_stats_dtype(stats_dtype)
-    checks.check_param_dtype(param_dtype)
+    sdt = option_checks.check_stats_dtype(stats_dtype)
+    option_checks.check_param_dtype(param_dtype)
     params: Params = {}
     if use_scale:
         params["scale"] = jnp.ones(shape, param_dtype)
@@ -102,7 +102,7 @@ def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Optio
     layout = make_layout(x.shape, options.axis)
     checks.check_features(layout, params, "params")
     checks.check_features(layout, state, "state")
-    options = options._replace(epsilon=checks.check_epsilon(
+    options = options._replace(epsilon=option_checks.check_epsilon(
         options.epsilon, moments.stats_dtype(x.dtype)))
     mode = update_mode(state, options.momentum)
     if not train:
@@ -125,7 +125,7 @@ def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Optio
                 f"names shard_map/pmap axes: JAX cannot run collectives over shapes that are "
                 f"symbolic (jax.export). Export synchronized training with static shapes")
         groups = collectives.normalize_groups(options.axis_index_groups)
-        checks.check_groups_cover(groups, axis_size, options.axis_name)
+        option_checks.check_groups_cover(groups, axis_size, options.axis_name)
         devices = axis_size if groups is None else len(groups[0])
     checks.check_enough_elements(layout, mask, devices, options.virtual_batch_size,
                                  options.allow_single_value)
@@ -285,7 +285,7 @@ def sync_state(state: State, axis_name: Hashable | tuple[Hashable, ...],
     checks.check_state(state)
     axis_size = collectives.check_bound(axis_name)
     groups = collectives.normalize_groups(axis_index_groups)
-    checks.check_groups_cover(groups, axis_size, axis_name)
+    option_checks.check_groups_cover(groups, axis_size, axis_name)
     stacked = jnp.stack([state["mean"], state["var"].astype(state["mean"].dtype)])
     avg = collectives.mean_over(stacked, axis_name, groups)
     new: Any = dict(state)

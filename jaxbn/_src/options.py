@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
-from jaxbn._src import checks, collectives, combine
+from jaxbn._src import collectives, combine, option_checks
 
 
 class Options(NamedTuple):
@@ -57,13 +57,13 @@ class Options(NamedTuple):
     def checked(self) -> Options:
         """The options after the checks that need no input (each raises a clear error);
         ``axis_index_groups`` comes back as a tuple of tuples."""
-        checks.check_momentum(self.momentum)
-        checks.check_axis_name(self.axis_name)
-        checks.check_groups(self.axis_name, self.axis_index_groups)
-        checks.check_renorm(self.renorm)
+        option_checks.check_momentum(self.momentum)
+        option_checks.check_axis_name(self.axis_name)
+        option_checks.check_groups(self.axis_name, self.axis_index_groups)
+        option_checks.check_renorm(self.renorm)
         combine.check_method(self.sync_method)
         for name in ("unbiased_running_var", "skip_nonfinite", "allow_single_value"):
-            checks.check_flag(getattr(self, name), name)
+            option_checks.check_flag(getattr(self, name), name)
         return self._replace(
             axis_index_groups=collectives.normalize_groups(self.axis_index_groups))
 
