@@ -24,6 +24,12 @@ import flax_resnet  # noqa: E402
 import flax_resnet_nnx  # noqa: E402
 
 SCRIPTS = ("flax_resnet.py", "flax_resnet_nnx.py")
+# One SGD step of a small ResNet, jaxbn's synchronized BatchNorm over 8 devices against Flax's
+# on the whole batch: the two programs sum convolutions, statistics and gradients in other
+# orders and Flax's default variance is one-pass. No error bound is derived for a whole
+# training step; this tolerance is fixed, not computed (see tests/test_core.py and
+# tests/test_flax_dropin.py for the layer itself against its bounds).
+STEP_TOL = dict(atol=2e-5, rtol=1e-4)
 TINY = ["--epochs", "1", "--max-steps", "2", "--width", "4", "--blocks", "1", "--no-progress"]
 
 
@@ -49,7 +55,7 @@ def test_linen_sync_step_equals_flax_full_batch(devices):
         *state, *jax.device_put((x, y), split))
     want = jax.jit(flax_resnet.make_train_step(ref, tx))(
         v["params"], v["batch_stats"], tx.init(v["params"]), x, y)
-    chex.assert_trees_all_close(jax.device_get(got), want, atol=2e-5, rtol=1e-4)
+    chex.assert_trees_all_close(jax.device_get(got), want, **STEP_TOL)
     assert float(got[3]) > 0  # the loss
 
 
@@ -79,7 +85,7 @@ def test_nnx_sync_step_equals_flax_full_batch(devices):
 
     ref_step(ref, ref_opt, x, y)
     chex.assert_trees_all_close(jax.device_get(nnx.to_pure_dict(nnx.state(ours))),
-                                nnx.to_pure_dict(nnx.state(ref)), atol=2e-5, rtol=1e-4)
+                                nnx.to_pure_dict(nnx.state(ref)), **STEP_TOL)
 
 
 @pytest.mark.slow
