@@ -147,62 +147,6 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
     return {**variables, "params": params, "batch_stats": stats}
 
 
-# ------------------------------------------------------------------------------- fold_nnx
-
-def _nnx_path(path: str | tuple, what: str) -> tuple:
-    if isinstance(path, str):
-        return tuple(path.split("/"))
-    if isinstance(path, tuple) and path:
-        return path
-    raise TypeError(f"fold_nnx: a {what} path is a '/'-separated string or a non-empty tuple "
-                    f"of keys, got {path!r}")
-
-
-def _nnx_child(node: Any, key: Any) -> tuple[Any, Any]:
-    """``(key as stored, child)`` of an NNX graph node; a digit string also finds an int key
-    (``"blocks/0/conv"`` reaches ``blocks[0]`` of an ``nnx.List``)."""
-    from flax.nnx import graphlib
-
-    impl = graphlib.get_node_impl(node)
-    children = impl.node_dict(node) if impl is not None else {}
-    for k in (key, int(key) if isinstance(key, str) and key.isdigit() else None):
-        if k is not None and k in children:
-            return k, children[k]
-    raise KeyError(key, sorted(str(k) for k in children if not str(k).startswith("_")))
-
-
-def _nnx_get(root: Any, path: tuple, what: str) -> tuple[Any, Any, Any]:
-    """``(parent, key, node)`` at ``path``; a KeyError names the missing step."""
-    parent, key, node = None, None, root
-    for i, step in enumerate(path):
-        try:
-            key, child = _nnx_child(node, step)
-        except KeyError as e:
-            where = "/".join(map(str, path[:i])) or "the top level"
-            raise KeyError(f"fold_nnx: {what} path {'/'.join(map(str, path))!r} not found: no "
-                           f"{step!r} under {where} (available there: {e.args[1]})") from None
-        parent, node = node, child
-    return parent, key, node
-
-
-def _nnx_references(root: Any) -> dict[int, list[tuple]]:
-    """Every path at which each graph node of ``root`` is referenced."""
-    from flax.nnx import graphlib
-
-    paths: dict[int, list[tuple]] = {}
-    stack: list[tuple[tuple, Any]] = [((), root)]
-    while stack:
-        path, node = stack.pop()
-        impl = graphlib.get_node_impl(node)
-        if impl is None:
-            continue
-        seen = id(node) in paths
-        paths.setdefault(id(node), []).append(path)
-        if not seen:
-            stack.extend(((*path, k), c) for k, c in impl.node_dict(node).items())
-    return paths
-
-
 def fold_nnx(model: Any, pairs: Mapping[str | tuple, str | tuple]) -> Any:
     """Folds named (Linear or Conv, BatchNorm) pairs of a Flax NNX model, for inference.
 
@@ -239,63 +183,6 @@ def fold_nnx(model: Any, pairs: Mapping[str | tuple, str | tuple]) -> Any:
       >>> bool(jnp.allclose(folded(x), model(x), atol=1e-6))
       True
     """
-    from flax import nnx
-    from flax.nnx import graphlib
+    from jaxbn import nnx as jaxbn_nnx  # here: it needs Flax, which `import jaxbn` does not load
 
-    from jaxbn.nnx import Folded
-
-    if not isinstance(pairs, Mapping) or not pairs:
-        raise TypeError(f"fold_nnx needs pairs, a non-empty mapping from each Linear/Conv path "
-                        f"to the path of the BatchNorm after it, got {pairs!r}")
-    folded = nnx.clone(model)
-    refs = _nnx_references(folded)
-    todo, used = [], dict[int, str]()
-    for layer_path, bn_path in pairs.items():
-        lp, bp = _nnx_path(layer_path, "layer"), _nnx_path(bn_path, "BatchNorm")
-        layer = _nnx_get(folded, lp, "layer")[2]
-        parent, key, bn = _nnx_get(folded, bp, "BatchNorm")
-        names = "/".join(map(str, lp)), "/".join(map(str, bp))
-        if not isinstance(layer, nnx.Linear | nnx.Conv):
-            raise TypeError(f"fold_nnx folds into nnx.Linear and nnx.Conv layers; {names[0]!r} "
-                            f"is a {type(layer).__module__}.{type(layer).__qualname__}")
-        if isinstance(bn, Folded):
-            raise TypeError(f"fold_nnx: {names[1]!r} is already folded")
-        if not isinstance(bn, nnx.BatchNorm):
-            raise TypeError(f"fold_nnx: {names[1]!r} should be a BatchNorm (flax.nnx or "
-                            f"jaxbn.nnx), got a {type(bn).__module__}.{type(bn).__qualname__}")
-        if bn.axis not in (-1, (-1,)):
-            raise ValueError(f"fold_nnx: the BatchNorm at {names[1]!r} normalizes axis "
-                             f"{bn.axis!r}; folding needs the last axis (-1), where "
-                             f"{type(layer).__name__} puts its output features")
-        for obj, name in ((layer, names[0]), (bn, names[1])):
-            if id(obj) in used:
-                raise ValueError(f"fold_nnx: {name!r} is in two pairs (also as "
-                                 f"{used[id(obj)]!r}); each layer and BatchNorm folds once")
-            used[id(obj)] = name
-            where = refs[id(obj)]
-            if len(where) > 1:
-                raise ValueError(f"fold_nnx: {name!r} is referenced from "
-                                 f"{len(where)} places in the model "
-                                 f"({sorted('/'.join(map(str, p)) for p in where)}); folding "
-                                 f"it would change its other uses")
-        impl = graphlib.get_node_impl(parent)
-        if impl is None or impl.set_key is None:
-            raise TypeError(f"fold_nnx: the BatchNorm at {names[1]!r} is held in a "
-                            f"{type(parent).__name__}, which cannot be changed in place (hold "
-                            f"it in a module attribute, an nnx.List/nnx.Dict, a list or a dict)")
-        todo.append((layer, bn, impl.set_key, parent, key))
-    for layer, bn, set_key, parent, key in todo:
-        params = {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None}
-        state = {"mean": bn.mean[...], "var": bn.var[...]}
-        bias = layer.bias[...] if layer.bias is not None else None
-        fold = fold_conv if isinstance(layer, nnx.Conv) else fold_dense
-        kernel, new_bias = fold(layer.kernel[...], bias, params, state, epsilon=bn.epsilon)
-        layer.kernel[...] = kernel
-        if layer.bias is not None:
-            layer.bias[...] = new_bias
-        else:
-            layer.bias = nnx.Param(new_bias)
-            layer.use_bias = True
-        set_key(parent, key, Folded(bn.num_features))
-    folded.eval()
-    return folded
+    return jaxbn_nnx.fold(model, pairs)

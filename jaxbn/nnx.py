@@ -35,12 +35,17 @@ from jaxbn.precise import reset_stats
 
 try:  # Flax is optional (pip install 'jaxbn[flax]'): only this module and jaxbn.linen need it
     import flax
+
+    optional.check_version("flax", flax.__version__, __name__)  # before any use of Flax
     from flax import nnx
     from flax.nnx.nn import dtypes as nnx_dtypes
     from flax.nnx.nn import initializers
+
+    from jaxbn._src.nnx_fold import Folded, fold
 except ModuleNotFoundError as err:
     optional.raise_missing("flax", __name__, err)
-optional.check_version("flax", flax.__version__, __name__)
+
+__all__ = ["BatchNorm", "Folded", "convert", "fold", "precise_stats"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -388,68 +393,3 @@ def convert(model: Any, **overrides: Any) -> Any:
         return rebuilt
 
     return visit(model, ())
-
-
-class Folded(nnx.Module):
-    """What :func:`jaxbn.fold.fold_nnx` leaves where a BatchNorm was folded into the layer
-    before it: the identity, for inference only.
-
-    It accepts a BatchNorm's call (``use_running_average``, ``mask``) and raises if asked to
-    train (``model.train()`` or ``use_running_average=False``): the running statistics it
-    stood for are now in the layer's kernel and bias, and the batch statistics a training step
-    needs are gone. Train the unfolded model instead.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jaxbn.nnx import Folded
-      >>> Folded(2)(jnp.array([[1.0, 2.0]])).tolist()
-      [[1.0, 2.0]]
-    """
-
-    def __init__(self, num_features: int):
-        self.num_features = num_features
-        self.use_running_average: bool | None = True
-
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view`` and ``model.train()``/``model.eval()``, as BatchNorm's.
-
-        Args:
-          use_running_average: the mode; False (training) makes the next call raise.
-        """
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
-
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        """Returns ``x``; raises in training mode."""
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        if not use_running_average:
-            raise ValueError("this BatchNorm was folded into the layer before it "
-                             "(jaxbn.fold.fold_nnx): the folded model computes inference only, "
-                             "but it was called in training mode (model.train() or "
-                             "use_running_average=False); train the unfolded model, and call "
-                             "the folded one after model.eval()")
-        return x
-
-
-def fold(model: Any, pairs: Mapping[Any, Any]) -> Any:
-    """Folds named (``nnx.Linear``/``nnx.Conv``, BatchNorm) pairs for inference: the NNX name
-    of :func:`jaxbn.fold.fold_nnx` (next to :func:`convert`, as ``jaxbn.equinox.fold``),
-    which documents ``pairs``, the result and the errors.
-
-    Returns a folded copy of ``model`` in eval mode; ``model`` is left as it was.
-
-    Example:
-      >>> import jax.numpy as jnp, jaxbn
-      >>> from flax import nnx
-      >>> model = nnx.Sequential(nnx.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)),
-      ...                        nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
-      >>> model.eval()
-      >>> folded = jaxbn.nnx.fold(model, {"layers/0": "layers/1"})
-      >>> x = jnp.ones((1, 4, 4, 1))
-      >>> bool(jnp.allclose(folded(x), model(x), atol=1e-6))
-      True
-    """
-    from jaxbn.fold import fold_nnx  # here: the import block above is kept as it is
-
-    return fold_nnx(model, pairs)
