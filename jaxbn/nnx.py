@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxbn._src import optional
+from jaxbn._src.checks import STATE_KEYS
 from jaxbn._src.flax_common import as_hashable, call_core, state_dtypes
 from jaxbn._src.layout import make_layout
 from jaxbn._src.options import Options, from_attributes
@@ -41,6 +42,7 @@ try:  # Flax is optional (pip install 'jaxbn[flax]'): only this module and jaxbn
     from flax.nnx.nn import dtypes as nnx_dtypes
     from flax.nnx.nn import initializers
 
+    from jaxbn._src.nnx_convert import convert
     from jaxbn._src.nnx_fold import Folded, fold
 except ModuleNotFoundError as err:
     optional.raise_missing("flax", __name__, err)
@@ -49,7 +51,7 @@ __all__ = ["BatchNorm", "Folded", "convert", "fold", "precise_stats"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
-_STATS = ("mean", "var", "count", "seen")  # the BatchStat attributes the core's state uses
+_DEFAULTS = Options()
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -80,13 +82,13 @@ class BatchNorm(nnx.BatchNorm):
       dtype: the dtype of the output and of the computation (None: the promotion of the input
         and the parameters). The statistics are computed in this dtype promoted to at least
         float32.
-      param_dtype: the dtype in which ``scale`` and ``bias`` are created.
-      use_bias: learn an additive ``bias`` (created with ``bias_init``).
-      use_scale: learn a multiplicative ``scale`` (created with ``scale_init``).
-      bias_init: the initializer of ``bias`` (zeros by default).
-      scale_init: the initializer of ``scale`` (ones by default).
-      axis_name: the ``pmap``/``shard_map``/``vmap`` axis name (or a tuple of names) whose
-        devices pool their batches into one set of statistics, weighted by their counts.
+      param_dtype: the dtype of the ``scale`` and ``bias`` Params.
+      use_bias: hold a learned additive ``bias`` Param (else ``bias`` is None).
+      use_scale: hold a learned multiplicative ``scale`` Param (else ``scale`` is None).
+      bias_init: makes ``bias``'s value from a key of ``rngs.params`` (zeros by default).
+      scale_init: makes ``scale``'s value from a key of ``rngs.params`` (ones by default).
+      axis_name: the ``pmap``/``shard_map``/``vmap`` axis name, or a tuple of names: the
+        batches of all the devices along it give one set of statistics, count-weighted.
       axis_index_groups: groups of device indices along ``axis_name`` that share statistics
         (None: all of them).
       use_fast_variance: accepted for compatibility and ignored: the variance is always
@@ -97,15 +99,15 @@ class BatchNorm(nnx.BatchNorm):
       rngs: the ``nnx.Rngs`` whose ``params`` stream the initializers receive.
       bias_metadata: metadata for the ``bias`` ``nnx.Param`` (e.g. sharding annotations).
       scale_metadata: metadata for the ``scale`` ``nnx.Param``.
-      unbiased_running_var: accumulate the unbiased batch variance ``n / (n - 1) * var`` in
-        the running variance (PyTorch's convention).
-      virtual_batch_size: ghost batch normalization: normalize consecutive groups of this many
-        examples (along axis 0) each with their own statistics (None: the whole batch).
-      renorm: ``(r_max, d_max)`` for batch renormalization (Ioffe, 2017); None disables it.
-      skip_nonfinite: leave the running statistics unchanged after a batch whose statistics
-        are not finite.
-      sync_method: how statistics are combined over the devices of ``axis_name``:
-        ``"auto"``, ``"gather"`` or ``"reduce"`` (see ``jaxbn.bn_apply``).
+      unbiased_running_var: ``var`` averages the batch variances times ``n / (n - 1)``
+        (unbiased, as PyTorch's running variance).
+      virtual_batch_size: ghost batches: each group of this many examples along axis 0 is
+        normalized with its own statistics (None: the whole batch is one group).
+      renorm: batch renormalization's ``(r_max, d_max)`` (Ioffe, 2017), or None (off).
+      skip_nonfinite: a batch whose statistics are not finite leaves ``mean`` and ``var`` as
+        they were.
+      sync_method: ``"auto"``, ``"gather"`` or ``"reduce"``: how the devices of
+        ``axis_name`` combine their statistics (see ``jaxbn.bn_apply``).
 
     The running statistics are created float32, as Flax creates them, except with
     ``param_dtype`` or ``dtype`` float64 (under ``jax_enable_x64``; Flax: float32), where they
@@ -116,11 +118,12 @@ class BatchNorm(nnx.BatchNorm):
     keep them float32 or lower the momentum). Only complex input makes a real mean complex.
     """
 
-    unbiased_running_var: bool = False
-    virtual_batch_size: int | None = None
-    renorm: tuple[Any, Any] | None = None
-    skip_nonfinite: bool = False
-    sync_method: str = "auto"
+    # jaxbn's options at their defaults (Options'): an instance stores one only where it differs
+    unbiased_running_var: bool = _DEFAULTS.unbiased_running_var
+    virtual_batch_size: int | None = _DEFAULTS.virtual_batch_size
+    renorm: tuple[Any, Any] | None = _DEFAULTS.renorm
+    skip_nonfinite: bool = _DEFAULTS.skip_nonfinite
+    sync_method: str = _DEFAULTS.sync_method
     count: nnx.BatchStat  # only with momentum=None
     seen: nnx.BatchStat  # only during precise_stats
 
@@ -181,11 +184,12 @@ class BatchNorm(nnx.BatchNorm):
         Args:
           x: the input; its size along ``axis`` must be ``num_features``.
           use_running_average: overrides the attribute when not None.
-          mask: broadcastable to ``x`` (boolean, or 0/1 values): the elements that count
-            toward the batch statistics.
+          mask: the elements of ``x`` that count toward the batch statistics: boolean (or 0/1)
+            values that broadcast to ``x``'s shape.
 
         Returns:
-          The normalized ``x``, of the same shape.
+          ``x`` normalized: same shape, in ``dtype`` (None: the promoted dtype of ``x``,
+          ``scale`` and ``bias``).
 
         Raises:
           ValueError: ``use_running_average`` is None in both places, or ``x`` does not have
@@ -197,7 +201,7 @@ class BatchNorm(nnx.BatchNorm):
             raise ValueError("no use_running_average was given: pass it to BatchNorm(...), to "
                              "the call, or set it with model.train()/model.eval()/nnx.view")
         self._check_features(x)
-        names = [k for k in _STATS if getattr(self, k, None) is not None]
+        names = [k for k in STATE_KEYS if getattr(self, k, None) is not None]
         state = {k: getattr(self, k)[...] for k in names}
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
@@ -259,137 +263,3 @@ def precise_stats(model: nnx.Module, batches, call=None) -> None:
     finally:
         for m in layers:
             del m.seen
-
-
-# ------------------------------------------------------------------------------- convert()
-
-# jaxbn's options that BatchNorm exposes beyond Flax's (its class attributes of the names of
-# Options' fields).
-_JAXBN_OPTIONS = tuple(f for f in Options._fields if f in vars(BatchNorm))
-# Constructor arguments of BatchNorm that convert() may override, and those it may not: the
-# latter decide which parameters exist and how they were created, and the layer's own
-# parameters are kept.
-_OVERRIDABLE = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "axis_name",
-                "axis_index_groups", "use_fast_variance", "promote_dtype", *_JAXBN_OPTIONS)
-_FIXED = ("num_features", "param_dtype", "use_bias", "use_scale", "bias_init", "scale_init",
-          "bias_metadata", "scale_metadata", "rngs")
-_FLAX_SETTINGS = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype",
-                  "use_bias", "use_scale", "axis_name", "axis_index_groups",
-                  "use_fast_variance", "promote_dtype")
-
-
-def _where(path: tuple) -> str:
-    return "/".join(map(str, path)) or "the model itself"
-
-
-def _converted(old: nnx.BatchNorm, overrides: dict[str, Any], path: tuple) -> nnx.BatchNorm:
-    """The layer that takes ``old``'s place: ``old`` itself, or a ``BatchNorm`` with its
-    settings (then ``overrides``) holding its very Variable objects."""
-    if isinstance(old, BatchNorm):
-        if type(old) is BatchNorm and overrides:
-            settings = {k: getattr(old, k) for k in (*_FLAX_SETTINGS, *_JAXBN_OPTIONS)}
-        elif overrides:
-            raise TypeError(f"jaxbn.nnx.convert: the layer at {_where(path)} is a "
-                            f"{type(old).__qualname__}, a subclass of jaxbn.nnx.BatchNorm; "
-                            f"convert() cannot rebuild it with overrides: set them on it")
-        else:
-            return old
-    elif type(old) is nnx.BatchNorm:
-        settings = {k: getattr(old, k) for k in _FLAX_SETTINGS}
-    else:
-        raise TypeError(f"jaxbn.nnx.convert: the layer at {_where(path)} is a "
-                        f"{type(old).__module__}.{type(old).__qualname__}, a subclass of "
-                        f"flax.nnx.BatchNorm whose code convert() cannot carry over; convert "
-                        f"replaces flax.nnx.BatchNorm itself (subclass jaxbn.nnx.BatchNorm "
-                        f"instead)")
-    new = BatchNorm(old.num_features, **{**settings, **overrides}, rngs=nnx.Rngs(0))
-    for name in ("scale", "bias", *_STATS):  # the same Variables: values, dtypes, metadata
-        variable = vars(old).get(name)
-        if isinstance(variable, nnx.Variable):
-            setattr(new, name, variable)
-    return new
-
-
-def convert(model: Any, **overrides: Any) -> Any:
-    """Replaces every ``flax.nnx.BatchNorm`` in ``model`` by a ``jaxbn.nnx.BatchNorm``.
-
-    The NNX counterpart of PyTorch's ``SyncBatchNorm.convert_sync_batchnorm``, for model code
-    that is not edited. Each ``flax.nnx.BatchNorm`` found anywhere in the graph (attributes,
-    ``nnx.List``/``nnx.Dict``, lists, dicts and tuples, nested modules) is replaced by a
-    ``jaxbn.nnx.BatchNorm`` with the same settings (``use_running_average``, ``axis``,
-    ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``axis_name``, ...) that holds the
-    layer's very ``nnx.Param``/``nnx.BatchStat`` objects, so values, dtypes, shardings and
-    metadata are kept, as are ``nnx.state(model)``'s paths (checkpoints load unchanged). A
-    layer referenced from several places stays one layer.
-
-    ``model`` is changed in place and returned (as PyTorch does): keep using it, or the return
-    value. When ``model`` is itself a BatchNorm (or a tuple), it cannot be changed in place:
-    use the return value. The replaced ``flax.nnx.BatchNorm`` objects are left out of the
-    model; they still work, and share their Variables with the new layers. For a converted
-    copy that leaves the original alone, convert ``nnx.clone(model)``.
-
-    ``overrides`` set constructor options on every converted layer: ``axis_name``,
-    ``axis_index_groups``, ``momentum``, ``epsilon``, ``dtype``, ``axis``,
-    ``use_running_average``, ``use_fast_variance``, ``promote_dtype`` and jaxbn's own
-    (``unbiased_running_var``, ``virtual_batch_size``, ``renorm``, ``skip_nonfinite``,
-    ``sync_method``). With overrides, existing ``jaxbn.nnx.BatchNorm`` layers are rebuilt
-    with them too; without, they are left as they are. ``momentum=None`` adds a ``count``
-    BatchStat (from 0). Unknown names raise a TypeError, as do the options that decide which
-    parameters exist (``use_bias``, ``use_scale``, ``param_dtype``, initializers, metadata).
-    A subclass of ``flax.nnx.BatchNorm`` (other than jaxbn's) raises a TypeError: its own
-    code cannot be carried over.
-
-    Args:
-      model: an NNX module (or a graph of them: lists, dicts, tuples).
-      **overrides: constructor options to set on every converted layer.
-
-    Returns:
-      ``model`` (changed in place), or the new object where ``model`` could not be changed.
-
-    Example:
-      >>> import jax.numpy as jnp, jaxbn
-      >>> from flax import nnx
-      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
-      ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
-      >>> model = jaxbn.nnx.convert(model, axis_name=None, momentum=0.9)
-      >>> type(model.layers[1]).__module__, model.layers[1].momentum
-      ('jaxbn.nnx', 0.9)
-    """
-    from flax.nnx import graphlib  # imported here: the import block above is optional-Flax code
-
-    fixed = sorted(set(overrides) & set(_FIXED))
-    if fixed:
-        raise TypeError(f"jaxbn.nnx.convert cannot override {fixed}: these options decide which "
-                        f"parameters a layer has, and convert() keeps the layer's own; the "
-                        f"options it can set are {sorted(_OVERRIDABLE)}")
-    unknown = sorted(set(overrides) - set(_OVERRIDABLE))
-    if unknown:
-        raise TypeError(f"jaxbn.nnx.convert got unknown option(s) {unknown}; the options of "
-                        f"jaxbn.nnx.BatchNorm it can set are {sorted(_OVERRIDABLE)}")
-    done: dict[int, Any] = {}  # id -> what replaces it (itself when nothing changes)
-
-    def visit(node: Any, path: tuple) -> Any:
-        if id(node) in done:
-            return done[id(node)]
-        if isinstance(node, nnx.BatchNorm):
-            done[id(node)] = _converted(node, overrides, path)
-            return done[id(node)]
-        impl = graphlib.get_node_impl(node)
-        if impl is None:  # a Variable, an array, a static value
-            return node
-        done[id(node)] = node  # before the children: cycles end here
-        children = impl.node_dict(node)
-        changed = {k: new for k, child in children.items()
-                   if (new := visit(child, (*path, k))) is not child}
-        if not changed:
-            return node
-        if impl.set_key is not None:  # a module, nnx.List/Dict, list, dict: in place
-            for k, new in changed.items():
-                impl.set_key(node, k, new)
-            return node
-        items, aux = impl.flatten(node)  # an immutable pytree (tuple, namedtuple): rebuilt
-        rebuilt = impl.unflatten([(k, changed.get(k, v)) for k, v in items], aux)
-        done[id(node)] = rebuilt
-        return rebuilt
-
-    return visit(model, ())

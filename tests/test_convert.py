@@ -689,10 +689,11 @@ def test_convert_override_names_cover_the_constructor():
     import inspect
 
     from jaxbn import nnx as jnnx
+    from jaxbn._src import nnx_convert
 
     params = set(inspect.signature(jnnx.BatchNorm.__init__).parameters) - {"self"}
-    assert set(jnnx._OVERRIDABLE) | set(jnnx._FIXED) == params
-    assert not set(jnnx._OVERRIDABLE) & set(jnnx._FIXED)
+    assert set(nnx_convert.OVERRIDABLE) | set(nnx_convert.FIXED) == params
+    assert not set(nnx_convert.OVERRIDABLE) & set(nnx_convert.FIXED)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +27,11 @@ from jax.typing import ArrayLike
 
 from jaxbn._src import core
 from jaxbn._src.options import Options
+
+# The options jaxbn's Flax wrappers add to Flax's BatchNorm (fields of jaxbn.linen.BatchNorm,
+# constructor arguments of jaxbn.nnx.BatchNorm), named as Options' fields.
+JAXBN_OPTIONS = ("unbiased_running_var", "virtual_batch_size", "renorm", "skip_nonfinite",
+                 "sync_method")
 
 
 def as_hashable(value: Any) -> Any:
@@ -88,3 +93,21 @@ def call_core(x: ArrayLike, params: Mapping, state: Mapping, train: bool, option
     mask = as_bool_mask(mask)
     return run_in_dtype(x, out_dtype,
                         lambda xx: core.apply(params, state, xx, train, options, mask))
+
+
+def check_overrides(overrides: Mapping[str, Any], fixed: Sequence[str],
+                    overridable: Sequence[str], *, who: str, kind: str, owner: str,
+                    kept: str) -> None:
+    """Raises a TypeError naming what ``who`` can set when ``overrides`` names one of
+    ``fixed`` (the settings that decide ``kept``) or a name not in ``overridable`` (the
+    ``kind``-s of ``owner`` it can set); shared by ``jaxbn.linen.intercept`` and
+    ``jaxbn.nnx.convert``."""
+    allowed = sorted(overridable)
+    bad = sorted(set(overrides) & set(fixed))
+    if bad:
+        raise TypeError(f"{who} cannot override {bad}: these {kind}s decide {kept}; the "
+                        f"{kind}s it can set are {allowed}")
+    unknown = sorted(set(overrides) - set(overridable))
+    if unknown:
+        raise TypeError(f"{who} got unknown {kind}(s) {unknown}; the {kind}s of {owner} it can "
+                        f"set are {allowed}")
