@@ -78,6 +78,7 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_of_eight_devices(tmp_path):
     """shard_map and plain jit over 2 processes x 8 CPU devices (gloo): every state gives the
     float64 statistics of the global batch."""

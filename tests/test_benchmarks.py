@@ -66,6 +66,7 @@ def test_default_output_is_gitignored():
     assert "/out/" in (ROOT / ".gitignore").read_text().split()
 
 
+@pytest.mark.slow
 def test_bench_bn_quick_reports_spreads_and_collectives(tmp_path):
     import bench_bn
 
@@ -85,6 +86,7 @@ def test_bench_bn_quick_reports_spreads_and_collectives(tmp_path):
     assert "fwd+bwd / flax" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_equinox_is_counted_under_pmap():
     """The anchors' Equinox layer runs under pmap (it used to fail on its state check)."""
     pytest.importorskip("equinox")

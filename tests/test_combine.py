@@ -225,6 +225,7 @@ def _ops(text):
     return [(op, cond) for op, _, cond in hlo_collectives(text)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_payload_bytes_at_8_devices(masked):
     """gather: (3F [+F]) x D floats to each device; reduce: two rounds of F [+F] and 2F floats,
@@ -275,6 +276,7 @@ false_computation=%branch_false
                                      ("all-gather", 96, False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gather", "reduce"])
 def test_bn_apply_collectives_per_method(method):
     """Through bn_apply under pmap: gather is 1 collective forward and 2 forward+backward;
@@ -356,6 +358,7 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_reduce_across_two_processes(tmp_path):
     """2 processes x 2 CPU devices (gloo): the two all-reduce rounds across processes give the
     float64 statistics of the global batch."""

@@ -102,6 +102,7 @@ def test_momentum_extremes(momentum):
     _check_state(new, state, x, -1, None, momentum)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(st.data())
 def test_random_shapes_and_axes(data):
@@ -147,6 +148,7 @@ def test_gradients_match_closed_form(shape, axis, masked):
         ref.assert_within(got, w, b, what)
 
 
+@pytest.mark.slow
 def test_gradient_without_scale_and_bias():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(12, 3)).astype(np.float32)
@@ -156,6 +158,7 @@ def test_gradient_without_scale_and_bias():
     ref.assert_within(gx, ref.bn_grads(x, None, dy)[0], ref.bn_grads_bound(x, None, dy)[0], "dx")
 
 
+@pytest.mark.slow
 def test_running_stats_carry_no_gradient():
     x = jnp.asarray(np.random.default_rng(7).normal(size=(8, 2)), jnp.float32)
     params, state = jaxbn.bn_init(2)
@@ -163,6 +166,7 @@ def test_running_stats_carry_no_gradient():
     np.testing.assert_array_equal(g, 0.0)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
     """Eager and jitted calls (fused differently, summing in other orders) each within the
     float32 bound of the float64 reference, rather than within a fixed distance of each other."""
@@ -179,6 +183,7 @@ def test_jit_equals_eager():
         assert int(new["count"]) == 1
 
 
+@pytest.mark.slow
 def test_vmap_ensemble_equals_loop():
     rng = np.random.default_rng(9)
     k = 3
@@ -194,6 +199,7 @@ def test_vmap_ensemble_equals_loop():
         _check_state(jax.tree.map(lambda a, i=i: a[i], new), s_i, x_i, -1, None, 0.99)
 
 
+@pytest.mark.slow
 def test_scan_and_checkpoint_compose():
     rng = np.random.default_rng(10)
     xs = jnp.asarray(rng.normal(3.0, 2.0, size=(4, 8, 2)), jnp.float32)
@@ -221,6 +227,7 @@ def test_scan_and_checkpoint_compose():
                       ref.bn_grads_bound(xs[0], params["scale"], dy)[0], "dx")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs(dtype):
     rng = np.random.default_rng(11)
@@ -251,6 +258,7 @@ def test_large_offset_is_stable():
     _check_state(new, state, x, -1, None, 0.0)
 
 
+@pytest.mark.slow
 def test_fully_masked_batch_leaves_state_and_no_nan():
     x = jnp.asarray(np.random.default_rng(13).normal(size=(6, 2)), jnp.float32)
     params, state = _random_params((2,))
@@ -316,6 +324,7 @@ class TestErrors:
             jaxbn.bn_apply(self.params, self.state, self.x, True, axis_index_groups=[[0, 1]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,axis", [CASES[1], CASES[2]])
 def test_side_by_side_with_flax_stable_mode(shape, axis):
     import flax.linen as nn

@@ -55,6 +55,7 @@ def test_bad_idx_file(tmp_path):
         datasets.read_idx(tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_none_vs_batch_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "none_vs_batch.py"), "--epochs", "2",
            "--out", str(tmp_path), "--no-progress", "--sweep", "batch_size", "--sweep-epochs", "1"]
@@ -76,6 +77,7 @@ def test_none_vs_batch_smoke(tmp_path):
     assert "Overfitting with small batches" in report and "none train - test" in report
 
 
+@pytest.mark.slow
 def test_vmap_ensemble_smoke():
     cmd = [sys.executable, str(ROOT / "examples" / "vmap_ensemble.py"), "--members", "2",
            "--epochs", "1"]
@@ -84,6 +86,7 @@ def test_vmap_ensemble_smoke():
     assert "ensemble" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sync_bn_cnn_matches_single_device(devices):
     """One step of the example's synchronized runs equals the single-device full-batch step;
     the unsynchronized run does not, and its running statistics differ across devices."""
@@ -103,6 +106,7 @@ def test_sync_bn_cnn_matches_single_device(devices):
     assert sync_bn_cnn.spread_across_devices(runs["unsync"]["state"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_sync_bn_cnn_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "sync_bn_cnn.py"), "--epochs", "1",
            "--max-steps", "2", "--variants", "single,shard_map", "--out", str(tmp_path)]
@@ -139,6 +143,7 @@ def _tiny_digits(n_train=120, n_test=60):
     return x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
 
 
+@pytest.mark.slow
 def test_layer_grad_norms_match_closed_form():
     """The output layer's weight-gradient norm of a 1-hidden-layer sigmoid net at
     initialization equals the float64 closed form ||h^T (softmax(z) - onehot(y))|| / n."""
@@ -176,6 +181,7 @@ def test_layer_grad_norms_match_closed_form():
     assert len(hist["layer_grad_norms"]) == 2 and len(hist["layer_grad_norms"][0]) == 2
 
 
+@pytest.mark.slow
 def test_adabn_reestimates_first_layer_statistics():
     """``adapt`` (reset_stats + training passes + finish_stats) sets the first BN layer's
     statistics to the float64 mean and population variance of x @ W over all the data."""
@@ -202,6 +208,7 @@ def test_adabn_reestimates_first_layer_statistics():
     assert set(adapted[0]) == set(states[0])  # back to an ordinary state
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training():
     import jax
     import jax.numpy as jnp
@@ -229,6 +236,7 @@ def test_dropout_only_in_training():
     assert 0.35 < kept[h > 0].mean() < 0.65
 
 
+@pytest.mark.slow
 def test_cnn_bn_state_per_channel():
     import jax
     import none_vs_batch as nvb
@@ -275,6 +283,7 @@ def _has_verdict(verdicts, words):
     assert any(w in line for w in ("held", "did not hold", "inconclusive")), line
 
 
+@pytest.mark.slow
 def test_gradients_sweep_smoke(claim_run):
     sweeps, verdicts, out = claim_run
     assert np.asarray(sweeps["gradients"]["2-layer tanh"]["none"]["layer_grad_norms"]).shape \
@@ -284,6 +293,7 @@ def test_gradients_sweep_smoke(claim_run):
     assert (out / "grad_norms.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_dropout_sweep_smoke(claim_run):
     sweeps, verdicts, _ = claim_run
     assert set(sweeps["dropout"]["variants"]) == {"none", "batch", "none + dropout",
@@ -292,6 +302,7 @@ def test_dropout_sweep_smoke(claim_run):
     _has_verdict(verdicts, "need for dropout")
 
 
+@pytest.mark.slow
 def test_shift_sweep_smoke(claim_run):
     import none_vs_batch as nvb
 
@@ -301,6 +312,7 @@ def test_shift_sweep_smoke(claim_run):
     _has_verdict(verdicts, "AdaBN")
 
 
+@pytest.mark.slow
 def test_cnn_sweep_smoke(claim_run):
     sweeps, verdicts, out = claim_run
     assert len(sweeps["cnn"]["batch"]["test_accuracy"]) == 1

@@ -45,6 +45,7 @@ def test_cumulative_average_is_plain_mean_of_batch_stats():
     assert int(state["count"]) == len(xs)
 
 
+@pytest.mark.slow
 def test_unbiased_running_var():
     x = _batches(k=1)[0]
     params, state = jaxbn.bn_init(F)
@@ -97,6 +98,7 @@ def _renorm_reference(x, scale, bias, rmean, rvar, r_max, d_max, eps=1e-5):
     return ((x - mu) / sb * r + d) * scale + bias, r
 
 
+@pytest.mark.slow
 def test_batch_renorm_with_traced_limits():
     x = _batches(k=1, n=16)[0]
     rng = np.random.default_rng(1)
@@ -256,6 +258,7 @@ def test_fold_dense_and_conv_match_eval_bn():
     ref.assert_within(conv(img, kf) + bf.reshape(1, 1, 1, -1), want, bound, "folded conv")
 
 
+@pytest.mark.slow
 def test_fold_linen_on_a_cnn():
     """Folded and original models, both float32, each within a first-order bound of the exact
     output: every layer's rounding (a few ulps of the magnitudes it sums), carried to the output
@@ -314,6 +317,7 @@ def test_precise_bn_equals_concatenated_statistics():
                   [ref.stats_with_bounds(x, mask=m) for x, m in zip(xs, mask, strict=True)])
 
 
+@pytest.mark.slow
 def test_precise_bn_linen_and_nnx_helpers():
     xs = _batches(k=3, n=6, seed=7)
     concat = xs.reshape(-1, F).astype(np.float64)
@@ -328,6 +332,7 @@ def test_precise_bn_linen_and_nnx_helpers():
     assert not hasattr(m, "seen")
 
 
+@pytest.mark.slow
 def test_wrappers_expose_the_features():
     xs = _batches(k=2, n=8, seed=8)
     lin = jaxbn.linen.BatchNorm(use_running_average=False, momentum=None,

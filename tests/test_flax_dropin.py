@@ -95,6 +95,7 @@ def _flax_nnx(*a, **kw):
 # ----------------------------------------------------------------------------- A: linen init
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_linen_init_in_training_normalizes_with_batch_statistics(masked):
     x = _x((4, 3, 2))
@@ -119,6 +120,7 @@ def test_linen_init_in_training_normalizes_with_batch_statistics(masked):
                   (mean_ours, var_ours), "vs extended precision")
 
 
+@pytest.mark.slow
 def test_linen_init_with_axis_name_issues_no_collective():
     def model(cls):
         class Foo(nn.Module):
@@ -158,6 +160,7 @@ def _complex_x(masked):
     return x, m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_linen_complex_matches_flax(masked):
     x, m = _complex_x(masked)
@@ -186,6 +189,7 @@ def test_linen_complex_matches_flax(masked):
     _within(e1, e2, 2 * ref.bn_eval_bound(x, None, None, *stats), "eval vs Flax", valid)
 
 
+@pytest.mark.slow
 def test_complex_gradients_match_flax():
     x, m = _complex_x(True)
     ours = jaxbn.linen.BatchNorm(use_running_average=False, dtype=jnp.complex64)
@@ -215,6 +219,7 @@ def test_complex_gradients_match_flax():
     ref.assert_within(gp1["bias"], gp2["bias"], e_dbias, "dbias vs Flax")
 
 
+@pytest.mark.slow
 def test_complex_synchronized_over_axis_name_like_flax():
     x = jax.random.normal(jax.random.key(2), (4, 3, 2), dtype=jnp.complex64)
     outs = []
@@ -237,6 +242,7 @@ def test_complex_synchronized_over_axis_name_like_flax():
     _within(u1["batch_stats"]["mean"][0], 0.5 * mean.ravel(), mean_ours, "running mean")
 
 
+@pytest.mark.slow
 def test_nnx_complex_normalizes_like_flax():
     x, _ = _complex_x(False)
     ours = jaxbn.nnx.BatchNorm(2, momentum=0.9, dtype=jnp.complex64, rngs=nnx.Rngs(0))
@@ -260,6 +266,7 @@ def test_nnx_complex_normalizes_like_flax():
 # ----------------------------------------------------------------------------- C: one value
 
 
+@pytest.mark.slow
 def test_linen_one_value_per_feature_returns_bias_like_flax():
     x = jnp.array([[1.0, 2.0, 3.0]])
     variables = {"params": {"scale": jnp.full(3, 2.0), "bias": jnp.arange(3.0)},
@@ -289,6 +296,7 @@ class _Model(nnx.Module):
         return self.bn(self.linear(x))
 
 
+@pytest.mark.slow
 def test_nnx_one_example_under_vmap_jit_and_tabulate_like_flax():
     outs, states = [], []
     def ensemble(bn):
@@ -329,6 +337,7 @@ def test_nnx_one_example_under_vmap_jit_and_tabulate_like_flax():
 # ----------------------------------------------------------------------------- D: rank promotion
 
 
+@pytest.mark.slow
 def test_axis_name_under_rank_promotion_raise_like_flax():
     x = _x((4, 5, 3))
     with jax.numpy_rank_promotion("raise"):
@@ -460,6 +469,7 @@ def test_nnx_custom_promote_dtype_receives_five_values_like_flax(use_scale, use_
     _within(ys[0], ys[1], _bounds(np.asarray(x, np.float32))[0], "y vs Flax")
 
 
+@pytest.mark.slow
 def test_non_boolean_masks_are_cast_like_flax():
     x = _x((6, 2, 3))
     m = jnp.asarray(np.random.default_rng(2).random((6, 2, 1)) < 0.6).at[0].set(True)
@@ -483,6 +493,7 @@ def test_non_boolean_masks_are_cast_like_flax():
 # ----------------------------------------------------------------------------- linen == nnx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16])
 def test_nnx_equals_linen_bit_for_bit_and_flax_within_rounding(dtype, param_dtype):
@@ -512,6 +523,7 @@ def test_nnx_equals_linen_bit_for_bit_and_flax_within_rounding(dtype, param_dtyp
 # ----------------------------------------------------------------------------- J: empty feature
 
 
+@pytest.mark.slow
 def test_feature_without_valid_element_keeps_running_statistics():
     x = _x((10, 5))
     per_feature = jnp.array([True, False, True, False, True])  # features 1 and 3: no element
@@ -540,6 +552,7 @@ def test_feature_without_valid_element_keeps_running_statistics():
 # ----------------------------------------------------------------------------- float64
 
 
+@pytest.mark.slow
 def test_float64_statistics_like_flax_linen():
     with jax.enable_x64(True):
         x = 12345.678901 + 1e-3 * jnp.asarray(np.random.default_rng(5).normal(size=(64, 3)))
@@ -584,6 +597,7 @@ class _ConvBlock(nn.Module):
         return nn.relu(self.bn(use_running_average=True)(nn.Conv(4, (3, 3))(x)))
 
 
+@pytest.mark.slow
 def test_linen_tabulate_bridge_and_spectral_norm_like_flax():
     x = _x((2, 6, 6, 3))
     t1, t2 = (nn.tabulate(_ConvBlock(bn), KEY)(x)

@@ -125,6 +125,7 @@ def test_linen_use_running_average_rules():
         jaxbn.linen.BatchNorm(use_running_average=True).init(jax.random.key(0), x, True)
 
 
+@pytest.mark.slow
 def test_linen_init_outside_pmap_then_pmap_matches_flax():
     x = _x((8, 4, 3))
     ours = jaxbn.linen.BatchNorm(use_running_average=False, axis_name="batch", momentum=0.9)
@@ -148,6 +149,7 @@ def test_linen_init_outside_pmap_then_pmap_matches_flax():
                       f"device {d} vs Flax")
 
 
+@pytest.mark.slow
 def test_linen_under_nn_vmap_equals_flat_batch():
     x = _x((6, 3))
 
@@ -221,6 +223,7 @@ def _train_cnn(norm, steps=3):
     return params, stats, losses
 
 
+@pytest.mark.slow
 def test_linen_cnn_trains_like_flax():
     stable = lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw)  # noqa: E731
     p1, s1, l1 = _train_cnn(jaxbn.linen.BatchNorm)
@@ -233,6 +236,7 @@ def test_linen_cnn_trains_like_flax():
 # ----------------------------------------------------------------------------- nnx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(use_bias=False), dict(use_scale=False),
                                 dict(axis=1), dict(dtype=jnp.bfloat16)], ids=str)
 @pytest.mark.parametrize("masked", [False, True])
@@ -324,6 +328,7 @@ def _train_nnx(norm):
     return losses, nnx.state(model)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_jit_trains_like_flax():
     l1, s1 = _train_nnx(jaxbn.nnx.BatchNorm)
     l2, s2 = _train_nnx(nnx.BatchNorm)
@@ -331,6 +336,7 @@ def test_nnx_optimizer_jit_trains_like_flax():
     _assert_tree_close(s1, s2, TRAJECTORY_TOL)
 
 
+@pytest.mark.slow
 def test_nnx_vmap_and_scan():
     x = _x((3, 8, 4))
 

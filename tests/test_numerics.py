@@ -63,6 +63,7 @@ def test_output_at_a_large_offset_matches_float64():
                       ref.bn_forward_bound(x, params["scale"], params["bias"]), "y")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding", [np.nan, np.inf, -np.inf, 3.0e38])
 def test_padding_holds_anything(padding):
     """Masked-out rows cannot influence valid outputs, statistics or gradients."""
@@ -103,6 +104,7 @@ def test_padding_holds_anything(padding):
             ref.assert_within(got, want, bound, f"{run} {what}")
 
 
+@pytest.mark.slow
 def test_feature_without_valid_element_uses_running_statistics():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, F)).astype(np.float32) * 10
@@ -124,6 +126,7 @@ def test_feature_without_valid_element_uses_running_statistics():
     assert np.all(np.isfinite(gx))
 
 
+@pytest.mark.slow
 def test_clean_under_rank_promotion_raise():
     """Flax's CI runs with jax_numpy_rank_promotion='raise'; so must every jaxbn path."""
     rng = np.random.default_rng(4)
@@ -156,6 +159,7 @@ def _plain_bn64(x, scale, bias, mask=None, eps=1e-5):
     return (x - mean) / jnp.sqrt(var + eps) * scale[None] + bias[None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_forward_mode_matches_plain_float64(masked):
     rng = np.random.default_rng(5)
@@ -196,6 +200,7 @@ def test_forward_mode_matches_plain_float64(masked):
         check_grads(ours, (x64, p), order=2, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_reverse_mode_saves_only_the_input(dtype):
     """Residuals: x itself (1x its bytes) and per-feature vectors, whatever the dtype."""
@@ -212,6 +217,7 @@ def test_reverse_mode_saves_only_the_input(dtype):
         (a.shape, a.dtype) for a in saved]
 
 
+@pytest.mark.slow
 def test_forward_mode_through_the_flax_wrappers_matches_flax():
     """jvp through jaxbn.linen and jaxbn.nnx in training mode equals Flax's own (plain jnp)."""
     import flax.linen as nn

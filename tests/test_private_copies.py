@@ -79,6 +79,7 @@ def test_vmap_of_batched_and_unbatched_terms_matches_float64():
                       bound, "vmap of the gradient")
 
 
+@pytest.mark.slow
 def test_derivatives_of_every_order_match_the_closed_form():
     """f(u) = sum(sin(u * u + v)): gradient cos(.) 2u, Hessian diagonal 2 cos(.) - 4u^2 sin(.)."""
     u = U[0, 0]
@@ -284,6 +285,7 @@ def _fwd_bwd_temp_bytes(apply, params, x):
     return int(analysis.temp_size_in_bytes)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion rules")
 @pytest.mark.parametrize("shape", [(16, 8, 8, 32), (512, 64)])
 def test_low_precision_layer_makes_no_float32_copy_of_its_input(shape):

@@ -112,6 +112,7 @@ def test_shard_map_with_replicated_params(mesh):
     np.testing.assert_allclose(dp["bias"], dbias, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_vmap_with_local_batch_and_uneven_masks():
     x, dy = _data(seed=2)
     params, state = _params()
@@ -124,6 +125,7 @@ def test_vmap_with_local_batch_and_uneven_masks():
     _check(y, new, dx, x, dy, params, state, mask=mask)
 
 
+@pytest.mark.slow
 def test_vmap_without_local_batch_axis():
     """Equinox style: each call sees one example of shape (F,); the batch is the named axis."""
     rng = np.random.default_rng(4)
@@ -135,6 +137,7 @@ def test_vmap_without_local_batch_axis():
     _check(y, new, dx, x[:, None], dy[:, None], params, state)
 
 
+@pytest.mark.slow
 def test_nested_axis_names_under_vmap():
     x, dy = _data(seed=5)
     params, state = _params()
@@ -146,6 +149,7 @@ def test_nested_axis_names_under_vmap():
            dx.reshape(x.shape), x, dy, params, state)
 
 
+@pytest.mark.slow
 def test_nested_axis_names_under_shard_map():
     x, dy = _data(seed=6)
     params, state = _params()
@@ -188,6 +192,7 @@ def test_axis_index_groups_under_pmap():
         _check(y[g], jax.tree.map(lambda a, g=g: a[g], new), dx[g], x[g], dy[g], params, state)
 
 
+@pytest.mark.slow
 def test_groups_under_vmap_raise_clearly():
     x, _ = _data()
     params, state = _params()
@@ -260,6 +265,7 @@ def test_unbound_axis_in_sync_state():
         jax.jit(lambda s: jaxbn.sync_state(s, "nope"))(state)
 
 
+@pytest.mark.slow
 def test_single_example_per_device_needs_no_local_batch():
     # Unsynchronized, one value per feature is an error; synchronized it is fine.
     params, state = _params()

@@ -433,12 +433,21 @@ def check_case(mode_name: str, transform: str, option: str, wrap: Callable | Non
 SKIP: dict[tuple[str, str, str], str] = {}
 
 
+# The fast subset's slice: the first-order transforms of the plain option under one mode of
+# each kind of axis binding (compiled together per mode: a few seconds in all).
+FAST_MODES = ("shard_map_auto", "pmap", "vmap", "jit_explicit_batch")
+FAST_TRANSFORMS = ("forward", "grad", "jvp", "remat")
+
+
 def _cases():
-    """Every case; the fast subset's slice is chosen in conftest.py (``_fast_transform_case``)."""
+    """Every case; those outside the fast slice are marked slow."""
     for mode in MODES:
         for option in OPTIONS:
             for transform in HEAVY if mode == "none" else TRANSFORMS:  # chex variants below
                 marks = []
+                if not (mode in FAST_MODES and transform in FAST_TRANSFORMS
+                        and option == "plain"):
+                    marks.append(pytest.mark.slow)
                 reason = SKIP.get((mode, transform, option))
                 if reason:
                     marks.append(pytest.mark.skip(reason=reason))
@@ -451,6 +460,7 @@ def test_matrix(mode: str, transform: str, option: str) -> None:
     check_case(mode, transform, option)
 
 
+@pytest.mark.slow  # the matrix's fast slice covers the first-order tier
 class NoSyncTest(chex.TestCase):
     """No synchronization, with and without ``jit`` (chex variants): the first-order tier.
 

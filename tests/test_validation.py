@@ -53,6 +53,7 @@ class _Holder(NamedTuple):
     tag: int
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap, get", [
     (lambda s: [s], lambda t: t[0]),
     (lambda s: (s, {"other": jnp.ones(2)}), lambda t: t[0]),
@@ -74,6 +75,7 @@ def test_precise_stats_through_any_pytree(wrap, get):
     _check_pooled(final["mean"], final["var"], batches)
 
 
+@pytest.mark.slow
 def test_precise_stats_mean_of_batches_0_2_4_6_is_3():
     params, state = jaxbn.bn_init(1)
     for tree_of, get in ((lambda s: [s], lambda t: t[0]),
@@ -132,6 +134,7 @@ def test_low_precision_state_keeps_its_dtype_and_warns_when_it_stalls(dtype, mom
     assert abs(float(out["var"][0]) - 1.0) <= gap + eps  # var starts at 1, every batch's is 1
 
 
+@pytest.mark.slow
 def test_stats_dtype_float64_keeps_float64_statistics():
     with jax.enable_x64(True):
         params, state = jaxbn.bn_init(1, stats_dtype=jnp.float64)
@@ -215,6 +218,7 @@ def test_precise_unbiased_variance_uses_the_pooled_count():
     _check_pooled(st["mean"], st["var"], batches, unbiased=True)
 
 
+@pytest.mark.slow
 def test_precise_unbiased_variance_with_ghost_batches():
     params, state = jaxbn.bn_init(1)
     batches = _batches(n=4)
@@ -249,6 +253,7 @@ class _Net(nn.Module):
         return jaxbn.linen.BatchNorm(use_running_average=True, use_scale=self.use_scale)(z)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_bias, use_scale", [(False, True), (False, False), (True, True)])
 def test_fold_linen_keeps_the_original_model_right(use_bias, use_scale):
     rng = np.random.RandomState(1)
@@ -294,6 +299,7 @@ def test_fold_linen_bad_path_names_the_available_keys():
 # ------------------------------------------------------------- items 6, 16, 17, decision
 
 
+@pytest.mark.slow
 def test_one_value_under_vmap_of_size_one_raises():
     params, state = jaxbn.bn_init(F)
     x = jnp.ones((1, 1, F))  # axis of size 1, one example: 1 value per feature in total
@@ -350,6 +356,7 @@ def test_empty_batch_returns_empty_and_keeps_the_state():
 # --------------------------------------------------------------------------- item 12
 
 
+@pytest.mark.slow
 def test_numpy_integers_are_accepted():
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(4, F, 2), jnp.float32)
