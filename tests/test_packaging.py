@@ -46,6 +46,7 @@ def test_import_jaxbn_needs_only_jax():
 WITHOUT_FLAX = "import sys\nsys.modules['flax'] = None\n"
 
 
+@pytest.mark.slow  # a fresh interpreter each (seconds): the fast subset keeps the import checks
 def test_the_functional_core_works_without_flax():
     x = np.array([[0.0, 1.0], [2.0, 5.0], [1.0, -3.0]], np.float32)
     out = run_python(
@@ -85,6 +86,7 @@ def test_a_wrapper_without_its_library_names_the_extra(module, library, how):
     assert f"{module} needs {library}" in out and f"pip install 'jaxbn[{library}]'" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("module", "library"), WRAPPERS)
 def test_a_library_older_than_the_floor_is_refused(module, library):
     old = {"flax": "0.12.6", "equinox": "0.13.7"}[library]
@@ -96,6 +98,7 @@ def test_a_library_older_than_the_floor_is_refused(module, library):
     assert f"{module} needs {library}>={floor}, found {library} {old}" in out, out
 
 
+@pytest.mark.slow
 def test_a_broken_flax_install_shows_its_own_error():
     """Only Flax itself missing is reported as the extra; a missing dependency of Flax keeps
     its own message."""
@@ -106,6 +109,7 @@ def test_a_broken_flax_install_shows_its_own_error():
     assert out.startswith("msgpack |") and "jaxbn[flax]" not in out, out
 
 
+@pytest.mark.slow
 def test_wrappers_load_on_first_use():
     out = run_python("import sys, jaxbn, flax.linen, flax.nnx\n"
                      "print(issubclass(jaxbn.linen.BatchNorm, flax.linen.BatchNorm),\n"
