@@ -8,7 +8,7 @@ meaning), so ``eqx.nn.make_with_state``, ``eqx.nn.inference_mode``, ``eqx.nn.Seq
 ``eqx.tree_serialise_leaves`` and Equinox checkpoints work unchanged. It subclasses
 ``equinox.nn.BatchNorm`` (``isinstance`` checks still hold); every computation is the
 functional core's (``jaxbn.bn_apply``). Equinox is an optional dependency: only this module,
-and the ``jaxbn._src.equinox_*`` modules it loads, import it.
+and the ``jaxbn._src.equinox_tools`` module it loads, import it.
 
 What differs from Equinox 0.13.8 (each one measured there, see the Equinox guide):
 
@@ -58,8 +58,7 @@ try:  # Equinox is optional (pip install 'jaxbn[equinox]'): only this module nee
     import equinox as eqx
 
     optional.check_version("equinox", eqx.__version__, __name__)  # before any use of Equinox
-    from jaxbn._src.equinox_convert import convert, from_equinox_state
-    from jaxbn._src.equinox_fold import fold
+    from jaxbn._src.equinox_tools import convert, fold, from_equinox_state
 except ModuleNotFoundError as err:
     optional.raise_missing("equinox", __name__, err)
 

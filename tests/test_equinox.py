@@ -592,12 +592,12 @@ def test_fold_sequential_conv_and_linear(monkeypatch):
     folded layer (from jaxbn.fold_dense / fold_conv) and an Identity; a BatchNorm that does not
     follow such a layer is kept. The folded model's inference output equals the float64
     evaluation of the original's."""
-    from jaxbn._src import equinox_fold  # where jaxbn.equinox.fold looks them up
+    from jaxbn._src import equinox_tools  # where jaxbn.equinox.fold looks them up
 
     calls = []
     for name in ("fold_dense", "fold_conv"):
-        orig = getattr(equinox_fold, name)
-        monkeypatch.setattr(equinox_fold, name,
+        orig = getattr(equinox_tools, name)
+        monkeypatch.setattr(equinox_tools, name,
                             lambda *a, orig=orig, name=name, **k: calls.append(name) or orig(
                                 *a, **k))
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 
 from jaxbn._src.flax_common import check_overrides
-from jaxbn._src.linen_layer import normalize
 
 if TYPE_CHECKING:
     from jaxbn.linen import BatchNorm
@@ -29,21 +29,22 @@ _ACTIVE = threading.local()  # .stack: this thread's open intercept() overrides,
 
 
 @functools.cache
-def _layer() -> type[BatchNorm]:
-    """``jaxbn.linen.BatchNorm`` (imported here: ``jaxbn.linen`` imports this module)."""
-    from jaxbn.linen import BatchNorm
+def _jaxbn() -> tuple[type[BatchNorm], Callable[..., Any]]:
+    """``jaxbn.linen.BatchNorm`` and the call it runs (``normalize``, of
+    ``jaxbn._src.linen_layer``), from ``jaxbn.linen`` (imported here: it imports this module)."""
+    from jaxbn.linen import BatchNorm, normalize
 
-    return BatchNorm
+    return BatchNorm, normalize
 
 
 def _fields() -> tuple[str, ...]:
     """The settings of ``jaxbn.linen.BatchNorm``: its fields but ``parent`` and ``name``."""
-    return tuple(f for f in _layer().__dataclass_fields__ if f not in ("parent", "name"))
+    return tuple(f for f in _jaxbn()[0].__dataclass_fields__ if f not in ("parent", "name"))
 
 
 def _jaxbn_call() -> Any:
     """The body of ``jaxbn.linen.BatchNorm.__call__``."""
-    return _layer().__dict__["__call__"].__wrapped__
+    return _jaxbn()[0].__dict__["__call__"].__wrapped__
 
 
 def _active_overrides() -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ def _settings(module: nn.BatchNorm, overrides: dict[str, Any]) -> BatchNorm:
     """An unbound ``BatchNorm`` with ``module``'s settings (jaxbn's own fields at their defaults
     for a Flax layer), then ``overrides``."""
     fields = {f: getattr(module, f) for f in _fields() if hasattr(module, f)}
-    return _layer()(**{**fields, **overrides, "parent": None})
+    return _jaxbn()[0](**{**fields, **overrides, "parent": None})
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -67,6 +68,7 @@ def _interceptor(next_fun, args, kwargs, context):
         overrides = {k: v for layer in stack for k, v in layer.items()}  # inner ones win
         if body is _FLAX_CALL or (body is _jaxbn_call() and overrides):
             module = context.module
+            normalize = _jaxbn()[1]
             return normalize(module, _settings(module, overrides), *args, **kwargs)
     return next_fun(*args, **kwargs)
 
