@@ -1,4 +1,5 @@
-"""What the two Flax wrappers share: the call into the core and Flax's dtype rules.
+"""What the two Flax wrappers share: the call into the core, Flax's dtype rules, the names of
+jaxbn's options beyond Flax's, and the check of ``convert``/``intercept`` overrides.
 
 The wrappers hold no mathematics and no list of options: each builds the core's
 :class:`~jaxbn._src.options.Options` from its own fields of the same names
