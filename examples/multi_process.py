@@ -125,7 +125,7 @@ def verdict(out: str, code: int) -> tuple[bool, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--num-processes", type=int, default=2,
                         help="worker processes to launch on 127.0.0.1")

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; built without importing JAX so that ``--help`` is instant."""
     sweeps = "\n".join(f"  {k:<11} one-field sweep of {f}: {v}" for k, (f, v) in SWEEPS.items())
     sweeps += "\n" + "\n".join(f"  {k:<11} {v}" for k, v in CLAIM_SWEEPS.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Formatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=_Formatter,
                                 epilog="sweeps (--sweep NAME,NAME or all):\n" + sweeps)
     p.add_argument("--dataset", choices=["digits", "mnist"], default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits; mnist: needs --data-dir")

@@ -12,7 +12,7 @@ import argparse
 def parse_args(argv: list[str] | None, description: str,
                default_out: str) -> argparse.Namespace:
     """Parses the options of the ResNet examples."""
-    p = argparse.ArgumentParser(description=description,
+    p = argparse.ArgumentParser(description=description.replace("``", ""),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bn", choices=("jaxbn", "flax"), default="jaxbn",
                    help="which BatchNorm class the model uses: jaxbn's or Flax's own")

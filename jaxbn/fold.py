@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbn._src.types import Params, State
+
 
 def _fold(kernel, bias, params, state, epsilon):
     feats = kernel.shape[-1]
@@ -42,15 +44,24 @@ def _fold(kernel, bias, params, state, epsilon):
     return (kernel.astype(dt) * a_kernel).astype(kernel.dtype), new_bias.astype(out_bias_dtype)
 
 
-def fold_dense(kernel: jax.Array, bias: jax.Array | None, params: Mapping, state: Mapping,
+def fold_dense(kernel: jax.Array, bias: jax.Array | None, params: Params, state: State,
                epsilon: float = 1e-5) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(kernel, bias)`` of one Dense layer equal to Dense followed by eval-mode BN."""
+    """Returns ``(kernel, bias)`` of one Dense layer equal to Dense followed by eval-mode BN.
+
+    Raises:
+      ValueError: the statistics' shape is not ``(kernel.shape[-1],)``.
+    """
     return _fold(kernel, bias, params, state, epsilon)
 
 
-def fold_conv(kernel: jax.Array, bias: jax.Array | None, params: Mapping, state: Mapping,
+def fold_conv(kernel: jax.Array, bias: jax.Array | None, params: Params, state: State,
               epsilon: float = 1e-5) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(kernel, bias)`` of one convolution (HWIO kernel) equal to Conv then eval BN."""
+    """Returns ``(kernel, bias)`` of one convolution (HWIO kernel) equal to Conv then eval BN.
+
+    Raises:
+      ValueError: ``kernel`` has fewer than 3 axes, or the statistics' shape is not
+        ``(kernel.shape[-1],)``.
+    """
     if kernel.ndim < 3:
         raise ValueError(f"a convolution kernel has at least 3 axes (..., in, out), got shape "
                          f"{kernel.shape}; use fold_dense for Dense layers")
@@ -101,8 +112,11 @@ def fold_linen(variables: Mapping, pairs: Mapping[str, str], epsilon: float = 1e
       BatchNorm becomes an identity, for a model REBUILT with ``use_bias=True`` on those layers
       (Flax would silently ignore the extra bias in the original model, hence not the default).
 
-    A path that is not in the tree raises a KeyError naming the missing key and the keys
-    available there.
+    Raises:
+      KeyError: ``variables`` has no ``params`` or ``batch_stats``, a path is not in the tree
+        (the error names the missing key and the keys available there), or a layer has no
+        ``kernel``.
+      ValueError: a BatchNorm's features differ from its layer's outputs.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn

@@ -29,12 +29,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxbn._src.state import same_container
+
+Tree = TypeVar("Tree")  # any pytree: reset_stats/finish_stats return the same type
+Variables = TypeVar("Variables", bound=Mapping[str, Any])
 
 
 def _is_bn_state(node) -> bool:
@@ -49,7 +52,7 @@ def _map_states(tree, fn):
     return jax.tree.map(visit, tree, is_leaf=_is_bn_state)
 
 
-def reset_stats(tree: Any) -> Any:
+def reset_stats(tree: Tree) -> Tree:
     """Zeroes every BatchNorm state in ``tree`` (any pytree) and switches it to precise
     accumulation."""
     def reset(s):
@@ -64,19 +67,22 @@ def reset_stats(tree: Any) -> Any:
     return _map_states(tree, reset)
 
 
-def finish_stats(tree: Any) -> Any:
+def finish_stats(tree: Tree) -> Tree:
     """Ends precise accumulation: removes the ``seen`` counters from every BatchNorm state in
     ``tree`` (any pytree)."""
     return _map_states(tree, lambda s: {k: v for k, v in s.items() if k != "seen"})
 
 
-def precise_linen_stats(apply_fn: Callable, variables: dict, batches: Iterable,
-                        **apply_kwargs) -> dict:
+def precise_linen_stats(apply_fn: Callable[..., Any], variables: Variables,
+                        batches: Iterable[Any], **apply_kwargs: Any) -> Variables:
     """Recomputes the ``batch_stats`` of a Flax linen model built with ``jaxbn.linen``.
 
     ``apply_fn`` is ``model.apply`` (jit it for speed); each batch is passed as the first
     input, with ``apply_kwargs`` selecting training mode (e.g. ``train=True``). Returns new
     variables (a dict, or a FrozenDict if given one) with exact population statistics.
+
+    Raises:
+      KeyError: ``variables`` has no ``batch_stats`` collection.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbn

@@ -123,10 +123,12 @@ def test_sync_bn_cnn_smoke(tmp_path):
     assert "shard_map: 9 /" in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["none_vs_batch.py", "sync_bn_cnn.py"])
+@pytest.mark.parametrize("script", ["none_vs_batch.py", "sync_bn_cnn.py", "vmap_ensemble.py",
+                                    "multi_process.py", "flax_resnet.py", "flax_resnet_nnx.py"])
 def test_help_does_not_import_jax(script):
     path = str(ROOT / "examples" / script)
     code = ("import runpy, sys\n"
+            f"sys.path.insert(0, {str(ROOT / 'examples')!r})\n"
             f"sys.argv = [{path!r}, '--help']\n"
             "try:\n"
             f"    runpy.run_path({path!r}, run_name='__main__')\n"
@@ -136,6 +138,7 @@ def test_help_does_not_import_jax(script):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert "NO JAX" in proc.stdout and "(default:" in proc.stdout, proc.stdout + proc.stderr
+    assert "``" not in proc.stdout, proc.stdout
 
 
 def _tiny_digits(n_train=120, n_test=60):

@@ -16,6 +16,7 @@ from flax import nnx
 from flax.nnx import graphlib
 
 from jaxbn import fold as folding
+from jaxbn._src.types import Params, State
 
 
 class Folded(nnx.Module):
@@ -169,8 +170,12 @@ def fold(model: Any, pairs: Mapping[Any, Any]) -> Any:
                             f"it in a module attribute, an nnx.List/nnx.Dict, a list or a dict)")
         todo.append((layer, bn, impl.set_key, parent, key))
     for layer, bn, set_key, parent, key in todo:
-        params = {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None}
-        state = {"mean": bn.mean[...], "var": bn.var[...]}
+        params: Params = {}
+        if bn.scale is not None:
+            params["scale"] = bn.scale[...]
+        if bn.bias is not None:
+            params["bias"] = bn.bias[...]
+        state: State = {"mean": bn.mean[...], "var": bn.var[...]}
         bias = layer.bias[...] if layer.bias is not None else None
         fold = folding.fold_conv if isinstance(layer, nnx.Conv) else folding.fold_dense
         kernel, new_bias = fold(layer.kernel[...], bias, params, state, epsilon=bn.epsilon)
