@@ -172,7 +172,7 @@ def test_training_step_exports_carry_private_copies_on_cpu_only(dtype, masked, s
     at once. The barriers that are not jaxbn's (``jax.checkpoint``'s own, in the backward) are
     those of a CPU export with the private copies switched off: a GPU or TPU export must have
     exactly those, a CPU export more: unmasked, 3 forward (the two passes of the statistics,
-    the output) and 3 backward (xhat for the sums, xhat for dy, cast_sum's transpose); masked,
+    the output) and 3 backward (x - m0 for the sums, x - m0 for dy, cast_sum's transpose); masked,
     cast_sum's transpose only."""
     forward, step, args, _, _ = _training_step(dtype, masked)
     expected = {"forward": 0 if masked else 3, "forward+backward": 1 if masked else 6}
@@ -294,3 +294,38 @@ def test_off_switch_rejects_other_values(switch):
     switch("maybe")
     with pytest.raises(ValueError, match=f"{ENV_VAR} must be one of .*got 'maybe'"):
         jax.jit(lambda u, v: fresh(u, v)).lower(U, V)
+
+
+def _kernels(compiled_text: str) -> int:
+    """How many kernels XLA:CPU builds for a compiled program: its fusion instructions (each is
+    compiled on its own, an LLVM or a library kernel; compile time grows with their number)."""
+    return len(re.findall(r"^\s*%\S+ = .+? fusion\(", compiled_text, flags=re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_one_device_layer_compiles_no_more_kernels_than_flax():
+    """Issue 20 (compile time): one layer's forward+backward, not synchronized, compiles to no
+    more kernels than flax.linen.BatchNorm's (side by side). At the issue's NHWC 64x16x16x64,
+    before: 16 against Flax's 12 (the tangent's stacked sums and coefficients were padded and
+    sliced, and ``1 / count`` was computed at run time); after: 9 (measured compile time of the
+    forward+backward: 0.7-0.9x Flax's, from 1.35-1.6x). Only compiled, never run."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("counts XLA:CPU kernels")
+    nn = pytest.importorskip("flax.linen")
+    x = jax.ShapeDtypeStruct((64, 16, 16, 64), jnp.float32)
+    params, state = jaxbn.bn_init(64)
+    module = nn.BatchNorm(use_running_average=False)
+    variables = module.init(jax.random.key(0), jnp.zeros((2, 1, 1, 64)))
+
+    def ours(p, x):
+        return jaxbn.bn_apply(p, state, x, True)[0]
+
+    def theirs(p, x):
+        return module.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                            mutable=["batch_stats"])[0]
+
+    def kernels(f, p):
+        step = jax.jit(lambda p, x, dy: jax.vjp(f, p, x)[1](dy))
+        return _kernels(step.lower(p, x, x).compile().as_text())
+
+    assert kernels(ours, params) <= kernels(theirs, variables["params"])

@@ -10,9 +10,11 @@ closed-form linearization of BatchNorm. With ``xhat = ((x - m0) - corr) / sigma`
 
 Forward mode (``jvp``, ``jacfwd``, ``linearize``) uses it as it is; reverse mode is its
 transpose, which JAX derives. The rule is written so that the transpose is the classical
-closed-form backward: the per-feature coefficients are stacked and cast to "varying" once, so
-their transpose is ONE all-reduce of the stacked sums (which also yields the gradients of
-replicated parameters under ``shard_map``), and the rule runs under ``jax.checkpoint`` so that
+closed-form backward: when synchronized (or under ``shard_map``), the per-feature coefficients
+are stacked and cast to "varying" once, so their transpose is ONE all-reduce of the stacked
+sums (which also yields the gradients of replicated parameters under ``shard_map``); its
+full-size passes subtract one per-feature value (``x - m0``: XLA:CPU's library reductions run
+slower with each extra per-feature operand); and the rule runs under ``jax.checkpoint`` so that
 reverse mode saves only ``x``, the mask and per-feature vectors (1x the input's bytes).
 
 On a CPU, each pass over ``x`` (and, in reverse mode, over the output's cotangent) reads its
@@ -160,29 +162,63 @@ def _vary_like(value: jax.Array, target: jax.Array) -> jax.Array:
     return lax.pcast(value, names, to="varying") if names else value
 
 
-def _tangent(cfg: TrainConfig, x, mask, st: _Stats, scale, x_dot, scale_dot, bias_dot):
-    """The linear map (dx, dscale, dbias) -> (dy, dmean, dvar); see the module docstring."""
+def _inverse_count(count, dt):
+    """``1 / count`` (1 for an empty batch); a Python float for a static count, so that XLA
+    folds it into its users instead of compiling a kernel for it."""
+    if isinstance(count, int):
+        return 1.0 / max(count, 1)
+    return moments.safe_div(jnp.ones((), dt), count)
+
+
+def _in_shard_map(*values) -> bool:
+    """Whether any of ``values`` (None allowed) varies over a shard_map axis."""
+    return any(collectives.varying_axes(v) for v in values if v is not None)
+
+
+def _tangent(cfg: TrainConfig, static_count: int | None, x, mask, st: _Stats, scale, x_dot,
+             scale_dot, bias_dot):
+    """The linear map (dx, dscale, dbias) -> (dy, dmean, dvar); see the module docstring.
+
+    The full-size passes use the deviation ``dev = x - m0`` (one per-feature operand) rather
+    than ``xhat = (dev - corr) * invstd`` (three): ``sum(xhat * dx) = invstd * (sum(dev * dx)
+    - corr * sum(dx))`` and ``xhat * slope = dev * (invstd * slope) - corr * invstd * slope``,
+    so the sums of the transpose (reverse mode) read ``x`` with one per-feature operand, which
+    XLA:CPU's library reductions run faster (measured: 0.31 against 0.37 ms for a 4 MiB input).
+    The rounding is of the same order: ``xhat`` rounded ``x - m0`` too, and ``corr`` (the
+    provisional mean's correction; across devices, the offset of one device's provisional
+    mean from the global mean) enters both forms once.
+    """
     dt = st.invstd.dtype
     axes = cfg.layout.reduce_axes
-    operands = _private_operands(x, st, st.invstd, mask)
-    xhat = _scaled_deviation(*operands)
+    operands = (x, st.m0) if mask is not None else private_copies.fresh(x, st.m0)
+    dev = operands[0].astype(dt) - operands[1]
     dx = x_dot.astype(dt)
     dx_valid = dx
     if mask is not None:
-        # Padding may hold anything: a non-finite xhat there is replaced by 0 so that a zero
-        # cotangent (a loss that ignores padding) times it stays 0 in the transpose.
+        # Padding may hold anything: a non-finite deviation there is replaced by 0 so that a
+        # zero cotangent (a loss that ignores padding) times it stays 0 in the transpose.
         mask = moments.as_rank(mask, x.ndim)
-        xhat = jnp.where(mask | jnp.isfinite(xhat), xhat, 0)
+        dev = jnp.where(mask | jnp.isfinite(dev), dev, 0)
         dx_valid = jnp.where(mask, dx, 0)
-    local = jnp.stack([jnp.sum(dx_valid, axis=axes, keepdims=True),
-                       jnp.sum(xhat * dx_valid, axis=axes, keepdims=True)])
-    t = local if cfg.axis_name is None else collectives.sum_over(local, cfg.axis_name,
-                                                                  cfg.groups)
+    sums = [jnp.sum(dx_valid, axis=axes, keepdims=True),
+            jnp.sum(dev * dx_valid, axis=axes, keepdims=True)]
     mult, _ = _affine(st, scale, None)
-    t = _vary_like(t, mult)
-    inv_n = moments.safe_div(jnp.ones((), dt), st.count)
-    stat = -(mult * inv_n)[None] * t  # the statistics' coefficients of 1 and xhat
-    const, slope = stat[0], stat[1]
+    # Stacked only where it buys something: one all-reduce of both sums (and, transposed, of
+    # both coefficients) and one "varying" cast under shard_map. Elsewhere the stack and its
+    # transpose (pads and slices) would only add kernels for XLA to compile.
+    stacked = cfg.axis_name is not None or _in_shard_map(x, mult, x_dot, scale_dot, bias_dot)
+    if stacked:
+        t = jnp.stack(sums)
+        if cfg.axis_name is not None:
+            t = collectives.sum_over(t, cfg.axis_name, cfg.groups)
+        t = _vary_like(t, mult)
+        t0, t_dev = t[0], t[1]
+    else:
+        t0, t_dev = sums
+    t1 = st.invstd * (t_dev - st.corr * t0)  # sum(xhat * dx)
+    inv_n = _inverse_count(st.count if static_count is None else static_count, dt)
+    scale_n = -(mult * inv_n)  # the statistics' coefficients of 1 and xhat
+    const, slope = scale_n * t0, scale_n * t1
     if bias_dot is not None:
         const = const + bias_dot.astype(dt)
     if scale_dot is not None:
@@ -190,19 +226,26 @@ def _tangent(cfg: TrainConfig, x, mask, st: _Stats, scale, x_dot, scale_dot, bia
         slope = slope + (s_dot if st.r is None else st.r * s_dot)
         if st.d is not None:
             const = const + st.d * s_dot
-    coef = _vary_like(jnp.stack([const, slope]), x)
-    if mask is None:  # dy's own copy of xhat (from the sums' copy: a distinct barrier)
-        xhat = _scaled_deviation(*private_copies.fresh(*operands))
-    # (mult * dx + coef[0] + xhat * coef[1]).astype(x.dtype); the transpose reads dy's
+    slope = slope * st.invstd  # the coefficient of dev
+    const = const - st.corr * slope
+    if stacked:
+        coef = _vary_like(jnp.stack([const, slope]), x)
+        const, slope = coef[0], coef[1]
+    if mask is None:  # dy's own copy of dev (from the sums' copy: a distinct barrier)
+        x_b, m0_b = private_copies.fresh(*operands)
+        dev = x_b.astype(dt) - m0_b
+    # (mult * dx + const + dev * slope).astype(x.dtype); the transpose reads dy's
     # cotangent in x.dtype once per term (see private_copies.cast_sum)
-    dy = private_copies.cast_sum([mult * dx, coef[0], xhat * coef[1]], x.dtype)
+    dy = private_copies.cast_sum([mult * dx, const, dev * slope], x.dtype)
     sigma = 1.0 / st.invstd
-    mean_dot = t[0] * inv_n
-    var_dot = 2.0 * sigma * t[1] * inv_n
+    mean_dot = t0 * inv_n
+    var_dot = 2.0 * sigma * t1 * inv_n
     return dy, mean_dot, var_dot
 
 
-_checkpointed_tangent = jax.checkpoint(_tangent, static_argnums=(0,))
+# The count is a static argument when it is a Python int (no mask), so that ``1 / count`` is a
+# constant XLA folds (an argument of the checkpointed function would be a traced value).
+_checkpointed_tangent = jax.checkpoint(_tangent, static_argnums=(0, 1))
 
 
 @train_normalize.defjvp
@@ -210,8 +253,9 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     x, mask, scale, bias, renorm, fallback = primals
     x_dot, _, scale_dot, bias_dot, _, _ = tangents
     (y, mean, var, count), st = _primal(cfg, x, mask, scale, bias, renorm, fallback)
-    dy, mean_dot, var_dot = _checkpointed_tangent(cfg, x, mask, st, scale, x_dot, scale_dot,
-                                                  bias_dot)
+    static_count = st.count if isinstance(st.count, int) else None
+    dy, mean_dot, var_dot = _checkpointed_tangent(cfg, static_count, x, mask, st, scale, x_dot,
+                                                  scale_dot, bias_dot)
     mean_dot = jnp.broadcast_to(mean_dot, mean.shape).astype(mean.dtype)
     var_dot = jnp.broadcast_to(var_dot, var.shape).astype(var.dtype)
     count_dot = jnp.zeros_like(count)
