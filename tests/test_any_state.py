@@ -6,8 +6,6 @@ subprocess with 32 fake devices, one mode per test. The last test runs 2 process
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +14,14 @@ import numpy as np
 import pytest
 
 from tests import any_state
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+from tests.processes import ROOT, env_without_fake_devices, run_two_processes
 
 
 @pytest.mark.parametrize("mode", any_state.MODES)
 def test_training_output_ignores_the_running_state(mode):
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "tests.any_state", mode],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, env=env_without_fake_devices(), capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     failures = json.loads(out.stdout.strip().splitlines()[-1])
     assert failures == [], "\n".join(failures[:30])
@@ -47,6 +39,7 @@ import numpy as np
 import jaxbn
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tests import any_state
+from tests.processes import ROOT, env_without_fake_devices, run_two_processes
 D, F, R = 16, any_state.F, any_state.ROWS
 x, _ = any_state.batch(D)
 mesh = jax.make_mesh((D,), ("d",), devices=jax.devices())
@@ -82,19 +75,8 @@ jax.distributed.shutdown()
 def test_two_processes_of_eight_devices(tmp_path):
     """shard_map and plain jit over 2 processes x 8 CPU devices (gloo): every state gives the
     float64 statistics of the global batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     out = tmp_path / "r"
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, str(out)],
-                              cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        errs = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), errs[0][-2000:] + errs[1][-2000:]
+    run_two_processes(_WORKER, out, timeout=300)
     x, _ = any_state.batch(16)
     mean, var, n = any_state.reference(x, None)
     y_ref = (x.astype(np.float64) - mean) / np.sqrt(var + any_state.EPS)

@@ -82,7 +82,6 @@ class Call(NamedTuple):
     layout: Layout
     options: Options  # checked; epsilon a float
     mode: Mode
-    devices: int  # how many devices' batches are pooled into one set of statistics
 
 
 def broadcast(value: jax.Array | None, layout: Layout, lead: int = 0) -> jax.Array | None:
@@ -106,7 +105,7 @@ def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Optio
         options.epsilon, moments.stats_dtype(x.dtype)))
     mode = update_mode(state, options.momentum)
     if not train:
-        return Call(params, state, x, None, layout, options, mode, 1)
+        return Call(params, state, x, None, layout, options, mode)
     options = options.checked()
     mask = checks.check_mask(mask, layout.shape)
     options = options._replace(virtual_batch_size=checks.check_virtual_batch(
@@ -114,7 +113,7 @@ def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Optio
     if mode == "cumulative" and "count" not in state:
         raise ValueError("momentum=None (cumulative average) needs state['count']; build the "
                          "state with bn_init")
-    devices = 1
+    devices = 1  # how many devices' batches are pooled into one set of statistics
     if options.axis_name is not None:
         axis_size = collectives.check_bound(options.axis_name)
         if collectives.device_count(options.axis_name) > 1 and not all(
@@ -131,7 +130,7 @@ def prepare(params: Mapping, state: Mapping, x: Any, train: bool, options: Optio
                                  options.allow_single_value)
     if jnp.iscomplexobj(x):
         complex_bn.check_supported(options, mode)
-    return Call(params, state, x, mask, layout, options, mode, devices)
+    return Call(params, state, x, mask, layout, options, mode)
 
 
 def train_statistics(call: Call) -> tuple[jax.Array, Batch]:
